@@ -1,0 +1,26 @@
+# The two set-up-free commands: `make demo` and `make test`. Both bootstrap uv and the locked env.
+SHELL := /bin/bash
+# Resolved by the shell on each line, so a uv installed by `setup` is found by the next line.
+UV = "$$(command -v uv || echo $$HOME/.local/bin/uv)"
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup:
+	@command -v uv >/dev/null 2>&1 || [ -x "$$HOME/.local/bin/uv" ] || python3 -m pip install --quiet uv
+	$(UV) sync --frozen
+
+demo: setup
+	$(UV) run --frozen python jobs/pretrain.py
+
+test: setup
+	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+bench: setup
+	mkdir -p runs/bench
+	$(UV) run --frozen platform bench data --quick --out runs/bench/data.json
+	$(UV) run --frozen platform bench moe --quick --out runs/bench/moe.json
+	$(UV) run --frozen platform bench train --quick --out runs/bench/train.json
+
+clean:
+	rm -rf runs .pytest_cache

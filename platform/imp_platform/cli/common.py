@@ -1,0 +1,20 @@
+"""Helpers shared by the CLI sub-modules: turn library errors into one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import typer
+
+from imp_platform.config import ConfigError
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Print config/input errors as a message (no traceback) and exit with status 2."""
+    try:
+        yield
+    except (ConfigError, FileNotFoundError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None

@@ -1,0 +1,118 @@
+"""Shared fixtures: a real local Ray, a real `ray start --head`, a moto S3 server, small synth shards.
+
+Everything here starts the real thing we ship on; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Logical CPUs for local Ray: more than the 2 real cores, so fractional-CPU train workers
+# and Ray Data tasks can run side by side (see REFERENCE.md, "Ray 2.60 facts").
+RAY_TEST_CPUS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture
+def ray_local() -> Iterator[None]:
+    """A real local Ray with 4 logical CPUs, started once and reused by later tests."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=RAY_TEST_CPUS,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "platform")}},
+        )
+    yield
+
+
+@pytest.fixture
+def ray_head(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A real `ray start --head` with a dashboard for `ray job submit`; stopped afterwards.
+
+    The in-process Ray of ``ray_local`` is shut down first so the two never share a session.
+    """
+    import ray
+
+    ray.shutdown()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    dash_port, gcs_port = free_port(), free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run(
+        [ray_bin, "start", "--head", f"--port={gcs_port}", f"--num-cpus={RAY_TEST_CPUS}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         "--disable-usage-stats"],
+        check=True, env=env, capture_output=True, timeout=180,
+    )
+    try:
+        wait_for_port(dash_port, timeout=60)
+        yield {"address": f"http://127.0.0.1:{dash_port}", "gcs": f"127.0.0.1:{gcs_port}", "ray": ray_bin}
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, object]]:
+    """moto's S3 in server mode on localhost (as s3fs's own tests use), with a bucket `imp-test`.
+
+    Yields ``endpoint_url`` and ``storage_options`` ready for s3fs / our configs.
+    """
+    port = free_port()
+    moto_bin = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    assert moto_bin, "moto_server missing: the dev dependency moto[server] is required"
+    proc = subprocess.Popen([moto_bin, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        storage_options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**storage_options)
+        fs.mkdir("imp-test")
+        yield {"endpoint_url": endpoint, "storage_options": storage_options, "bucket": "imp-test"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small moving-digits shards (train and test splits) written once per test session."""
+    from imp_platform.data.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("moving_digits")
+    write_dataset(root, samples=96, shards=3, seed=0, split="train")
+    write_dataset(root, samples=40, shards=2, seed=0, split="test")
+    return {"root": root, "train": root / "train", "test": root / "test"}
