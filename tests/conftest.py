@@ -65,7 +65,9 @@ def ray_head(tmp_path: Path) -> Iterator[dict[str, str]]:
     ray.shutdown()
     ray_bin = str(Path(sys.executable).parent / "ray")
     dash_port, gcs_port = free_port(), free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # The job driver runs `python ...` from the head's PATH: make that this project's venv.
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
     subprocess.run(
         [ray_bin, "start", "--head", f"--port={gcs_port}", f"--num-cpus={RAY_TEST_CPUS}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
@@ -74,7 +76,7 @@ def ray_head(tmp_path: Path) -> Iterator[dict[str, str]]:
     )
     try:
         wait_for_port(dash_port, timeout=60)
-        yield {"address": f"http://127.0.0.1:{dash_port}", "gcs": f"127.0.0.1:{gcs_port}", "ray": ray_bin}
+        yield {"address": f"http://127.0.0.1:{dash_port}", "gcs": f"127.0.0.1:{gcs_port}", "ray": ray_bin, "env": env}
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
 

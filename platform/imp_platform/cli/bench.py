@@ -11,3 +11,14 @@ app = typer.Typer(no_args_is_help=True)
 
 QuickOpt = Annotated[bool, typer.Option("--quick", help="Smaller sizes, for a fast check.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Where to write the JSON results.")]
+
+
+@app.command("train")
+def train(quick: QuickOpt = False, out: OutOpt = Path("runs/bench/train.json")) -> None:
+    """AGD vs mixed batches and MoE vs dense (equal params per token): tokens/s and zero-shot accuracy."""
+    import logging
+
+    from imp_platform.bench.train import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    run(quick, out)

@@ -1,0 +1,167 @@
+"""``platform bench moe``: forward+backward time and activation memory of one MoE FFN layer.
+
+Each router (Expert Choice, token-choice top-1) is compared, in the same run, against
+- a dense FFN with the same *active* FLOPs (hidden = capacity_factor * h, or k * h), the
+  ideal the MoE layer should match (``ratio_vs_dense``, target <= 1.3 on CPU), and
+- a naive per-expert Python loop over the same router decisions (``speedup_vs_naive``).
+Memory: ``peak_mem_ratio_vs_dense`` compares the activations kept for backward (bytes of
+unique storages saved by autograd, parameters and the input excluded), which is what
+sets the forward+backward peak; on CUDA the allocator's true peak is reported too.
+fp32 on CPU, bf16 on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from imp_platform.bench.common import time_call, write_results
+from imp_platform.config.model import MoEConfig
+from imp_platform.model.encoder import DenseFFN
+from imp_platform.model.moe import MoEFFN
+
+log = logging.getLogger(__name__)
+
+# (tokens, d_model, expert hidden, experts)
+QUICK_SIZES = [(1024, 128, 512, 8)]
+FULL_SIZES = [(2048, 128, 512, 8), (4096, 256, 1024, 8), (4096, 384, 1536, 16)]
+ROUTERS = {"expert_choice": dict(router="expert_choice", capacity_factor=1.0), "top_k": dict(router="top_k", top_k=1)}
+
+
+def naive_forward(layer: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """The same routing as ``layer`` computed expert by expert (and group by group) in Python."""
+    flat = x.reshape(-1, x.shape[-1])
+    logits = flat.float() @ layer.router
+    probs = torch.softmax(logits, dim=-1)
+    y = torch.zeros_like(flat, dtype=torch.float32)
+    cfg = layer.cfg
+    for e in range(layer.num_experts):
+        if cfg.router == "expert_choice":
+            groups = max(1, math.ceil(flat.shape[0] / cfg.group_size))
+            size = math.ceil(flat.shape[0] / groups)
+            capacity = min(size, max(1, math.ceil(size * cfg.capacity_factor / layer.num_experts)))
+            chosen = []
+            for g in range(groups):
+                p = probs[g * size : (g + 1) * size, e]
+                chosen.append(torch.topk(p, min(capacity, p.shape[0])).indices + g * size)
+            rows = torch.cat(chosen)
+            gate = probs[rows, e]
+        else:
+            gates, ids = torch.topk(probs, cfg.top_k, dim=-1)
+            hit = ids == e
+            rows = hit.any(dim=-1).nonzero().squeeze(1)
+            gate = (gates * hit).sum(dim=-1)[rows]
+        out = F.gelu(flat[rows] @ layer.w1[e]) @ layer.w2[e]
+        y = y.index_add(0, rows, out.float() * gate[:, None])
+    return y.to(x.dtype).view_as(x)
+
+
+def saved_activation_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
+    """Bytes of distinct storages autograd keeps for backward while ``fn`` runs forward."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def _fwd_bwd(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        x.grad = None
+        out = forward(x)
+        torch.autograd.backward(out, grad)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def _cuda_peak(step: Callable[[], None]) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def bench_size(tokens: int, d: int, hidden: int, experts: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, d, device=device, dtype=dtype)
+    result: dict[str, Any] = {"tokens": tokens, "d_model": d, "hidden": hidden, "experts": experts}
+    for name, router_cfg in ROUTERS.items():
+        cfg = MoEConfig(num_experts=experts, last_n=1, **router_cfg)
+        layer = MoEFFN(d, hidden, cfg).to(device)
+        for p in (layer.w1, layer.w2):
+            p.data = p.data.to(dtype)
+        dense = DenseFFN(d, round(hidden * cfg.active_experts_per_token()), bias=False).to(device, dtype)
+
+        def moe_fwd(inp: torch.Tensor, layer: MoEFFN = layer) -> torch.Tensor:
+            y, stats = layer(inp[None])
+            return y[0] + 0 * stats.aux_loss.to(y.dtype)
+
+        def naive_fwd(inp: torch.Tensor, layer: MoEFFN = layer) -> torch.Tensor:
+            return naive_forward(layer, inp)
+
+        steps = {k: _fwd_bwd(f, x, grad) for k, f in (("moe", moe_fwd), ("dense", dense), ("naive", naive_fwd))}
+        times = {k: time_call(s, warmup=2, repeats=repeats)["median_s"] for k, s in steps.items()}
+        params = [*layer.parameters(), *dense.parameters(), x]
+        mem = {k: saved_activation_bytes(lambda f=f: f(x), params) for k, f in (("moe", moe_fwd), ("dense", dense))}
+        entry = {
+            "moe_s": times["moe"],
+            "dense_s": times["dense"],
+            "naive_s": times["naive"],
+            "ratio_vs_dense": times["moe"] / times["dense"],
+            "speedup_vs_naive": times["naive"] / times["moe"],
+            "saved_bytes_moe": mem["moe"],
+            "saved_bytes_dense": mem["dense"],
+            "peak_mem_ratio_vs_dense": mem["moe"] / mem["dense"],
+        }
+        if device.type == "cuda":
+            peaks = {k: _cuda_peak(steps[k]) for k in ("moe", "dense")}
+            entry["cuda_peak_mem_ratio_vs_dense"] = peaks["moe"] / peaks["dense"]
+        log.info("moe bench %s T=%d d=%d h=%d E=%d: %s", name, tokens, d, hidden, experts, entry)
+        result[name] = entry
+    return result
+
+
+def run(quick: bool, out: Path) -> dict[str, Any]:
+    """Benchmark both routers at a few sizes and write the JSON to ``out``."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sizes = QUICK_SIZES if quick else FULL_SIZES
+    if device.type == "cuda":  # GPU sizes large enough to keep the device busy
+        sizes = [(t * 8, d * 2, h * 2, e) for t, d, h, e in sizes]
+    results = [bench_size(*size, device=device, dtype=dtype, repeats=3 if quick else 5) for size in sizes]
+    summary = {
+        router: {
+            "max_ratio_vs_dense": max(r[router]["ratio_vs_dense"] for r in results),
+            "min_speedup_vs_naive": min(r[router]["speedup_vs_naive"] for r in results),
+            "max_peak_mem_ratio_vs_dense": max(r[router]["peak_mem_ratio_vs_dense"] for r in results),
+        }
+        for router in ROUTERS
+    }
+    payload = {
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "quick": quick,
+        "targets": {"ratio_vs_dense": 1.3, "peak_mem_ratio_vs_dense": 1.5},
+        "summary": summary,
+        "sizes": results,
+    }
+    return write_results(out, "moe", payload)

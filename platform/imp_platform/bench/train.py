@@ -1,0 +1,90 @@
+"""``platform bench train``: IMP's two ablations at small scale, on the demo data, at equal steps.
+
+(a) AGD (one task per step) vs ``mixed`` (every task in one step, losses summed), both MoE;
+(b) MoE vs dense at equal parameters per token (Expert Choice with capacity 1.0 sends each
+token through one expert on average, so the tiny dense and tiny MoE presets match per token).
+Each arm is a real Ray Train run of the embedded config; we report training tokens/s (over the
+whole run), wall time and held-out zero-shot accuracy, with ratios against the AGD+MoE arm.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from imp_platform.bench.common import write_results
+
+log = logging.getLogger(__name__)
+
+ARMS: dict[str, list[str]] = {
+    "agd_moe": ["agd.mode=random", "model.moe=true"],
+    "mixed_moe": ["agd.mode=mixed", "model.moe=true"],
+    "agd_dense": ["agd.mode=random", "model.moe=false"],
+}
+KEYS = ("zeroshot_video_top1", "zeroshot_audio_top1", "zeroshot_image_top1", "retrieval_video_text_r1", "val_loss")
+
+
+def _arm(name: str, overrides: list[str], storage: str) -> dict[str, Any]:
+    from imp_platform.config.train import load_pretrain_config
+    from imp_platform.model.presets import count_params
+    from imp_platform.train.checkpoint import load_history
+    from imp_platform.train.tasks import resolve_model_config
+    from imp_platform.train.trainer import build_trainer, ensure_ray, prepare_data
+
+    cfg = load_pretrain_config(None, [*overrides, f"run.name=bench-{name}", f"run.storage_path={storage}",
+                                      "run.tensorboard=false"])
+    ensure_ray(cfg)
+    prepare_data(cfg)
+    began = time.perf_counter()
+    result = build_trainer(cfg).fit()
+    wall = time.perf_counter() - began
+    with result.checkpoint.as_directory() as directory:
+        history = load_history(directory)
+    rows = [r for r in history if "tokens_per_s" in r]
+    params = count_params(resolve_model_config(cfg))
+    return {
+        "overrides": overrides,
+        "steps": cfg.run.steps,
+        "wall_s": round(wall, 1),
+        "tokens_per_s": round(sum(r["tokens_per_s"] for r in rows) / max(len(rows), 1), 1),
+        "params_total": params["total"],
+        "params_per_token": params["per_token"],
+        **{k: result.metrics.get(k) for k in KEYS},
+    }
+
+
+def run(quick: bool, out: Path) -> dict[str, Any]:
+    """Run the three arms (quick: fewer steps and held-out samples) and write the JSON + a table."""
+    common = ["run.steps=60", "run.eval_every=60", "eval.max_samples=150"] if quick else []
+    arms: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="imp-bench-train-") as storage:
+        for name, overrides in ARMS.items():
+            log.info("bench train: arm %s", name)
+            arms[name] = _arm(name, [*common, *overrides], storage)
+    base = arms["agd_moe"]
+    ratios = {
+        "agd_vs_mixed_tokens_per_s": _ratio(base["tokens_per_s"], arms["mixed_moe"]["tokens_per_s"]),
+        "agd_vs_mixed_video_top1": _ratio(base["zeroshot_video_top1"], arms["mixed_moe"]["zeroshot_video_top1"]),
+        "moe_vs_dense_tokens_per_s": _ratio(base["tokens_per_s"], arms["agd_dense"]["tokens_per_s"]),
+        "moe_vs_dense_video_top1": _ratio(base["zeroshot_video_top1"], arms["agd_dense"]["zeroshot_video_top1"]),
+        "moe_vs_dense_params_per_token": _ratio(base["params_per_token"], arms["agd_dense"]["params_per_token"]),
+    }
+    print(table(arms))
+    return write_results(out, "train", {"quick": quick, "arms": arms, "ratios": ratios})
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def table(arms: dict[str, dict[str, Any]]) -> str:
+    head = f"{'arm':<10} {'steps':>5} {'wall s':>7} {'tok/s':>8} {'PPT':>8} {'video':>6} {'audio':>6} {'image':>6} {'vt R@1':>6}"
+    lines = [head, "-" * len(head)]
+    for name, a in arms.items():
+        cells = [f"{a[k]:.3f}" if a.get(k) is not None else "  -  " for k in KEYS[:4]]
+        lines.append(f"{name:<10} {a['steps']:>5} {a['wall_s']:>7.1f} {a['tokens_per_s']:>8.0f} "
+                     f"{a['params_per_token']:>8} {cells[0]:>6} {cells[1]:>6} {cells[2]:>6} {cells[3]:>6}")
+    return "\n".join(lines)

@@ -1,0 +1,245 @@
+"""Typed pipeline spec: where raw shards live, how each modality is decoded, and the shape buckets.
+
+One YAML (``pipelines/*.yaml``) drives both the offline preprocess and the streaming path, so
+decode settings, bucket shapes and the token budget can never drift between the two.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from imp_platform.config.base import StrictModel, load_config
+
+Modality = Literal["video", "audio", "text", "image"]
+MODALITIES: tuple[str, ...] = ("video", "audio", "text", "image")
+
+DEFAULT_EXTENSIONS: dict[str, list[str]] = {
+    "video": ["mp4", "webm", "mkv", "avi", "mov"],
+    "audio": ["wav", "flac", "mp3", "ogg", "m4a"],
+    "text": ["txt", "json"],
+    "image": ["jpg", "png", "webp"],
+}
+
+EMBEDDED_PIPELINE = Path(__file__).resolve().parents[3] / "pipelines" / "moving_digits.yaml"
+
+
+def _positive(values: list[int] | tuple[int, ...], what: str) -> None:
+    if any(v <= 0 for v in values):
+        raise ValueError(f"{what} must be positive, got {list(values)}")
+
+
+class SourceConfig(StrictModel):
+    """Raw webdataset shards: local paths, folders or globs, or ``s3://bucket/prefix`` URLs."""
+
+    paths: list[str] = Field(min_length=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class OutputConfig(StrictModel):
+    """Where the bucketed dataset and ``manifest.json`` go (local path or ``s3://``)."""
+
+    path: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModalitiesConfig(StrictModel):
+    """Which modalities to decode, which a sample must have, and which tar extensions mean what."""
+
+    enabled: list[Modality] = Field(default_factory=lambda: list(MODALITIES), min_length=1)
+    required: list[Modality] = Field(default_factory=list)
+    extensions: dict[Modality, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_EXTENSIONS.items()})
+    audio_from_video: bool = False  # use the video's own audio track when no audio member exists
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        merged = {k: list(v) for k, v in DEFAULT_EXTENSIONS.items()}
+        owner: dict[str, str] = {}
+        for modality, exts in value.items():
+            merged[modality] = [e.lower().lstrip(".") for e in exts]
+        for modality, exts in merged.items():
+            for ext in exts:
+                if not ext or "/" in ext:
+                    raise ValueError(f"extensions.{modality}: bad extension {ext!r}")
+                if ext in owner and owner[ext] != modality:
+                    raise ValueError(f"extension {ext!r} is listed under both {owner[ext]} and {modality}")
+                owner[ext] = modality
+        return merged
+
+    @model_validator(mode="after")
+    def _required_are_enabled(self) -> ModalitiesConfig:
+        missing = [m for m in self.required if m not in self.enabled]
+        if missing:
+            raise ValueError(f"required modalities {missing} are not in enabled {self.enabled}")
+        return self
+
+    def modality_of(self, extension: str) -> str | None:
+        """Map a tar member extension (``mp4``, ``JSON``) to its modality, or None if not ours."""
+        ext = extension.lower().lstrip(".")
+        return next((m for m, exts in self.extensions.items() if ext in exts), None)
+
+
+class VideoConfig(StrictModel):
+    """Clip sampling and the (T, H, W) buckets: T frames are sampled at ``fps`` and resized to H x W at decode."""
+
+    fps: float | None = Field(8.0, gt=0)  # sampling rate; None spreads the T frames over the whole clip
+    buckets: list[tuple[int, int, int]] = Field(min_length=1)
+
+    @field_validator("buckets")
+    @classmethod
+    def _check_buckets(cls, value: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        for i, bucket in enumerate(value):
+            _positive(bucket, f"video.buckets[{i}]")
+        if len(set(value)) != len(value):
+            raise ValueError(f"video.buckets has duplicates: {value}")
+        return value
+
+
+class AudioConfig(StrictModel):
+    """16 kHz log-mel (and optionally raw waveform), cropped or padded to a clip-length bucket."""
+
+    sample_rate: int = Field(16000, gt=0)
+    n_mels: int = Field(128, gt=0)
+    n_fft: int = Field(400, gt=0)
+    hop_length: int = Field(160, gt=0)
+    clip_seconds: list[float] = Field(default_factory=lambda: [1.0, 2.0], min_length=1)
+    waveform: bool = False
+
+    @field_validator("clip_seconds")
+    @classmethod
+    def _check_clips(cls, value: list[float]) -> list[float]:
+        if any(v <= 0 for v in value):
+            raise ValueError(f"audio.clip_seconds must be positive, got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"audio.clip_seconds has duplicates: {value}")
+        return sorted(value)
+
+    def clip_samples(self, seconds: float) -> int:
+        return int(round(seconds * self.sample_rate))
+
+    def mel_frames(self, seconds: float) -> int:
+        """Mel frames of one clip (the centred STFT's trailing frame is dropped so 1 s -> sr/hop)."""
+        return self.clip_samples(seconds) // self.hop_length
+
+
+class TextConfig(StrictModel):
+    """Caption tokenisation; ``tokenizer`` None means ``tokenizer.json`` beside the shards or one level up."""
+
+    tokenizer: str | None = None
+    caption_key: str = "caption"
+    length_buckets: list[int] = Field(default_factory=lambda: [16], min_length=1)
+
+    @field_validator("length_buckets")
+    @classmethod
+    def _check_lengths(cls, value: list[int]) -> list[int]:
+        _positive(value, "text.length_buckets")
+        return sorted(set(value))
+
+    @property
+    def max_tokens(self) -> int:
+        return self.length_buckets[-1]
+
+
+class ImageConfig(StrictModel):
+    """Still-image (H, W) buckets; images are resized to the bucket nearest in aspect ratio."""
+
+    buckets: list[tuple[int, int]] = Field(min_length=1)
+
+    @field_validator("buckets")
+    @classmethod
+    def _check_buckets(cls, value: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        for i, bucket in enumerate(value):
+            _positive(bucket, f"image.buckets[{i}]")
+        return value
+
+
+class BucketPolicyConfig(StrictModel):
+    """How a native shape picks its bucket: aspect ratio first, then duration."""
+
+    aspect: Literal["nearest"] = "nearest"
+    duration: Literal["nearest", "floor"] = "nearest"  # floor: longest clip not longer than the input
+
+
+class PatchConfig(StrictModel):
+    """Patch sizes used to count tokens per sample (they must match the model's embedders)."""
+
+    video: tuple[int, int, int] = (2, 8, 8)
+    image: tuple[int, int] = (8, 8)
+    audio_mel: tuple[int, int] = (16, 16)
+    audio_wave: int = 256
+
+    @model_validator(mode="after")
+    def _positive_patches(self) -> PatchConfig:
+        _positive(self.video, "patches.video")
+        _positive(self.image, "patches.image")
+        _positive(self.audio_mel, "patches.audio_mel")
+        _positive([self.audio_wave], "patches.audio_wave")
+        return self
+
+
+class LimitsConfig(StrictModel):
+    """Refuse inputs whose headers promise absurd work, before decoding a frame."""
+
+    max_side: int = Field(4096, gt=0)
+    max_duration_s: float = Field(3600.0, gt=0)
+    max_member_bytes: int = Field(2 << 30, gt=0)
+
+
+class DecodeConfig(StrictModel):
+    """Decode actor pool sizing (Ray Data ``map_batches``)."""
+
+    num_actors: int = Field(2, gt=0)
+    batch_size: int = Field(16, gt=0)
+    num_threads: int = Field(1, ge=0)  # decoder threads per actor; 1 when actors are many
+
+
+class PipelineConfig(StrictModel):
+    """A whole pipeline: source -> decode -> bucket -> output, plus the token budget."""
+
+    name: str = "pipeline"
+    source: SourceConfig
+    output: OutputConfig
+    modalities: ModalitiesConfig = Field(default_factory=ModalitiesConfig)
+    video: VideoConfig | None = None
+    audio: AudioConfig = Field(default_factory=AudioConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    image: ImageConfig | None = None
+    bucket_policy: BucketPolicyConfig = Field(default_factory=BucketPolicyConfig)
+    patches: PatchConfig = Field(default_factory=PatchConfig)
+    token_budget: int = Field(8192, gt=0)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        enabled = self.modalities.enabled
+        for name in ("video", "image"):
+            if name in enabled and getattr(self, name) is None:
+                raise ValueError(f"modality {name!r} is enabled but the {name}: section (with buckets) is missing")
+        if self.video is not None:
+            pt, ph, pw = self.patches.video
+            for i, (t, h, w) in enumerate(self.video.buckets):
+                if t % pt or h % ph or w % pw:
+                    raise ValueError(f"video.buckets[{i}]={[t, h, w]} is not divisible by patches.video={[pt, ph, pw]}")
+        if self.image is not None:
+            ph, pw = self.patches.image
+            for i, (h, w) in enumerate(self.image.buckets):
+                if h % ph or w % pw:
+                    raise ValueError(f"image.buckets[{i}]={[h, w]} is not divisible by patches.image={[ph, pw]}")
+        too_long = [s for s in self.audio.clip_seconds if s > self.limits.max_duration_s]
+        if too_long:
+            raise ValueError(f"audio.clip_seconds {too_long} exceed limits.max_duration_s={self.limits.max_duration_s}")
+        return self
+
+
+def load_pipeline(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a pipeline YAML (default: the embedded moving-digits pipeline) with ``--set`` overrides."""
+    return load_config(PipelineConfig, path or EMBEDDED_PIPELINE, overrides)

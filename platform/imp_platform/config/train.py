@@ -1,0 +1,192 @@
+"""Typed config of a pretraining run: data, model, tasks, optimizer, schedule, AGD, run, eval.
+
+One YAML file (``jobs/configs/pretrain.yaml``) describes a whole run, so a checkpoint that
+carries this config can be re-evaluated or resumed without any other input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from imp_platform.config.base import ConfigError, StrictModel, load_config
+
+MODALITIES = ("video", "image", "audio_mel", "audio_wave", "text")
+Modality = Literal["video", "image", "audio_mel", "audio_wave", "text"]
+ObjectiveKind = Literal["nce", "mil_nce", "classification"]
+
+
+class SynthSpec(StrictModel):
+    """Moving-digits shards to write when the processed data is missing (the embedded default)."""
+
+    train_samples: int = Field(2000, gt=0)
+    test_samples: int = Field(300, gt=0)
+    shards: int = Field(4, gt=0)
+    seed: int = 0
+
+
+class DataConfig(StrictModel):
+    """Where the processed splits live; optionally how to make them (synth + preprocess)."""
+
+    root: str = "runs/demo/data"
+    pipeline: str = "pipelines/moving_digits.yaml"
+    train_split: str = "train"
+    eval_split: str = "test"
+    synth: SynthSpec | None = Field(default_factory=SynthSpec)
+    tokenizer: str | None = None  # tokenizer.json for eval prompts; None = ROOT/raw/tokenizer.json (synth writes it)
+    storage_options: dict[str, Any] | None = None
+
+    @property
+    def raw_root(self) -> str:
+        """Where synth writes ``<split>/*.tar`` shards and ``tokenizer.json``."""
+        return f"{self.root.rstrip('/')}/raw"
+
+    def processed_path(self, split: str) -> str:
+        """Processed dataset of one split: ``ROOT/processed/<split>`` (local or s3://)."""
+        return f"{self.root.rstrip('/')}/processed/{split}"
+
+
+class ModelSpec(StrictModel):
+    """A preset plus field overrides (dotted keys into ModelConfig, e.g. ``moe.num_experts``)."""
+
+    preset: str = "tiny"
+    moe: bool = True
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class ObjectiveSpec(StrictModel):
+    kind: ObjectiveKind
+    weight: float = Field(1.0, ge=0)
+
+
+class TaskConfig(StrictModel):
+    """One (data, objective) pair that AGD schedules as a whole optimizer step."""
+
+    split: str = "train"
+    modalities: list[Modality] = Field(min_length=1, max_length=2)
+    objectives: list[ObjectiveSpec] = Field(min_length=1)
+    label: Literal["label", "direction"] = "label"
+    num_classes: int = Field(10, gt=1)
+    buckets: list[str] | None = None  # None = every bucket of the manifest
+    token_budget: int = Field(4096, gt=0)
+    drop_token: float = Field(0.0, ge=0, lt=1)
+    weight: float = Field(1.0, ge=0)
+    interval: int | None = Field(None, gt=0)  # round-robin period; None -> 1/weight
+
+    @model_validator(mode="after")
+    def _objectives_fit_modalities(self) -> TaskConfig:
+        for obj in self.objectives:
+            if obj.kind in ("nce", "mil_nce") and len(self.modalities) != 2:
+                raise ValueError(f"{obj.kind} needs exactly two modalities, got {self.modalities}")
+            if obj.kind == "classification" and self.modalities[0] == "text":
+                raise ValueError("classification runs on the first modality, which must not be text")
+        return self
+
+    @property
+    def rate(self) -> float:
+        return 1.0 / self.interval if self.interval else self.weight
+
+
+class OptimConfig(StrictModel):
+    """AdamW as in IMP (betas, eps 1e-7, wd, global-norm clip)."""
+
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-7
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip: float | None = 1.0
+
+
+class ScheduleConfig(StrictModel):
+    """Linear warmup then cosine to ``min_lr``."""
+
+    warmup_steps: int = Field(20, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+
+
+class CurriculumStage(StrictModel):
+    """From ``start`` on, these task weights replace the tasks' own (unnamed tasks get 0)."""
+
+    start: int = Field(ge=0)
+    weights: dict[str, float]
+
+
+class AGDConfig(StrictModel):
+    mode: Literal["random", "round_robin", "mixed"] = "random"
+    seed: int = 0
+    curriculum: list[CurriculumStage] = Field(default_factory=list)
+
+    @field_validator("curriculum")
+    @classmethod
+    def _sorted(cls, stages: list[CurriculumStage]) -> list[CurriculumStage]:
+        starts = [s.start for s in stages]
+        if starts != sorted(starts) or len(set(starts)) != len(starts):
+            raise ValueError(f"curriculum stage starts must be strictly increasing, got {starts}")
+        return stages
+
+
+class RunConfig(StrictModel):
+    name: str = "pretrain"
+    storage_path: str = "runs/ray"
+    storage_options: dict[str, Any] | None = None
+    num_workers: int = Field(2, ge=0)  # 0 = Ray Train local mode (one process, no Ray actors)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    threads_per_worker: int | None = None  # None = max(1, floor(cpus_per_worker))
+    use_gpu: bool = False
+    steps: int = Field(400, gt=0)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(100, gt=0)  # checkpoint + report + held-out eval interval
+    keep_checkpoints: int = Field(2, gt=0)
+    max_failures: int = Field(2, ge=-1)
+    seed: int = 0
+    tensorboard: bool = True
+    ray_num_cpus: int | None = 4  # logical CPUs for a locally started Ray (more than cores, see REFERENCE)
+
+
+class EvalConfig(StrictModel):
+    enabled: bool = True  # held-out eval at every eval_every and at the end
+    max_samples: int | None = None  # None = the whole held-out split
+    batch_size: int = Field(64, gt=0)
+    report: bool = True
+
+
+class PretrainConfig(StrictModel):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    tasks: dict[str, TaskConfig] = Field(min_length=1)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    agd: AGDConfig = Field(default_factory=AGDConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _preset_name(cls, value: Any) -> Any:
+        return {"preset": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _curriculum_names_tasks(self) -> PretrainConfig:
+        for stage in self.agd.curriculum:
+            unknown = set(stage.weights) - set(self.tasks)
+            if unknown:
+                raise ValueError(f"agd.curriculum stage at {stage.start} names unknown tasks {sorted(unknown)}")
+        if self.run.eval_every > self.run.steps:
+            self.run.eval_every = self.run.steps
+        return self
+
+
+def default_config_path() -> Path:
+    """``jobs/configs/pretrain.yaml`` of the working directory (ray job --working-dir), else of the repo."""
+    local = Path("jobs/configs/pretrain.yaml")
+    return local if local.exists() else Path(__file__).resolve().parents[3] / "jobs" / "configs" / "pretrain.yaml"
+
+
+def load_pretrain_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
+    """Load a pretraining config (default: the embedded moving-digits run) with ``--set`` overrides."""
+    path = Path(path) if path else default_config_path()
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    return load_config(PretrainConfig, path, overrides)

@@ -1,0 +1,108 @@
+"""The preprocess report: what each write task wrote and skipped, merged into ``manifest.json``.
+
+Write tasks return a ``TaskReport``; the driver merges them, so the manifest's counts come
+from the rows actually written (``total_read == kept + skipped`` by construction) and the
+training side can find every bucket's files and row groups without listing the output.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+MANIFEST_NAME = "manifest.json"
+# Keys kept per skip kind in ``skipped_examples``; counts in ``skipped`` are always complete.
+MAX_EXAMPLES_PER_KIND = 1000
+
+
+@dataclass
+class BucketPart:
+    """Rows of one bucket written by one task: per-file row-group sizes and column layout."""
+
+    count: int = 0
+    columns: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"dtype", "shape"}
+    files: list[dict[str, Any]] = field(default_factory=list)  # {"path": relative, "row_groups": [n]}
+
+
+@dataclass
+class TaskReport:
+    """What one write task saw: samples read, rows kept per bucket, keys skipped per kind."""
+
+    read: int = 0
+    buckets: dict[str, BucketPart] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, kind: str, key: str) -> None:
+        self.read += 1
+        self.skipped.setdefault(kind, []).append(key)
+
+    def merge(self, other: TaskReport) -> TaskReport:
+        self.read += other.read
+        for kind, keys in other.skipped.items():
+            self.skipped.setdefault(kind, []).extend(keys)
+        for name, part in other.buckets.items():
+            mine = self.buckets.setdefault(name, BucketPart(columns=part.columns))
+            if mine.columns != part.columns:
+                raise ValueError(f"bucket {name}: column layouts differ between tasks ({mine.columns} vs {part.columns})")
+            mine.count += part.count
+            mine.files.extend(part.files)
+        return self
+
+
+def shapes(columns: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
+    """Per-column shapes of the array-valued columns (scalars and strings left out)."""
+    return {name: spec["shape"] for name, spec in columns.items() if spec["shape"]}
+
+
+def build(
+    report: TaskReport,
+    shard_skips: dict[str, list[str]],
+    tokens_per_sample: dict[str, int],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """The manifest mapping; shard-level skips (empty shard, non-tar) count as skipped inputs."""
+    skipped_keys: dict[str, list[str]] = {}
+    for source in (shard_skips, report.skipped):
+        for kind, keys in source.items():
+            skipped_keys.setdefault(kind, []).extend(keys)
+    buckets = [
+        {
+            "name": name,
+            "count": part.count,
+            "shape": shapes(part.columns),
+            "tokens_per_sample": tokens_per_sample[name],
+            "columns": part.columns,
+            "files": sorted(part.files, key=lambda f: f["path"]),
+        }
+        for name, part in sorted(report.buckets.items())
+    ]
+    kept = sum(b["count"] for b in buckets)
+    skipped_files = sum(len(keys) for keys in shard_skips.values())
+    # Unusable files count as inputs read, so total_read == kept + sum(skipped.values()).
+    return {
+        "buckets": buckets,
+        "skipped": {kind: len(keys) for kind, keys in sorted(skipped_keys.items())},
+        "skipped_examples": {kind: sorted(keys)[:MAX_EXAMPLES_PER_KIND] for kind, keys in sorted(skipped_keys.items())},
+        "total_read": report.read + skipped_files,
+        "kept": kept,
+        "samples_read": report.read,
+        "skipped_files": skipped_files,
+        **extra,
+    }
+
+
+def write(manifest: dict[str, Any], url: str, storage_options: dict[str, Any] | None = None) -> None:
+    with fsspec.open(url, "w", **(storage_options or {})) as fh:
+        json.dump(manifest, fh, indent=2)
+
+
+def read(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a manifest; a missing one says which output folder lacks it."""
+    try:
+        with fsspec.open(url, "r", **(storage_options or {})) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {MANIFEST_NAME} at {url}: run `platform data preprocess` first") from None

@@ -1,0 +1,359 @@
+"""The Ray Data graph: list shards -> read_webdataset (raw bytes) -> decode actors -> bucketed parquet.
+
+One streaming pass. Decode actors turn each raw sample into a processed row or a skip
+record (never an exception), packed into one fixed schema so rows of different buckets can
+share a block; the datasink unpacks each bucket into uniform tensor columns under
+``OUTPUT/bucket=<name>/`` and returns per-task counts that the driver merges into
+``manifest.json``. Nothing is materialized, so memory does not grow with the input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from imp_platform.config import ConfigError
+from imp_platform.config.pipeline import PipelineConfig
+from imp_platform.data import manifest as manifest_io
+from imp_platform.data.buckets import tokens_per_sample
+from imp_platform.data.decode import DecodedSample, DecodeError, decode_sample, load_tokenizer
+from imp_platform.data.sources import ShardListing, filesystem, join, list_shards
+
+log = logging.getLogger(__name__)
+
+# Columns of the packed decode output shared by every row (tensors travel as raw bytes).
+SCALAR_COLUMNS = ("key", "bucket", "skip_kind", "label", "direction", "caption", "layout")
+# Logical CPUs per read / write task: the decode actors (1 CPU each) do the heavy work.
+IO_TASK_CPUS = 0.25
+BUCKET_DIR = "bucket={}"
+
+
+def safe_member_name(name: str) -> str:
+    """``filerename`` for read_webdataset: keep members whose file name has no extension.
+
+    Ray groups members by the base name before the first dot of the file name and silently
+    drops names it cannot split (``../x``, ``README``); giving them an ``noext`` suffix keeps
+    them as samples, so they are skipped and counted by the decode step instead of lost.
+    """
+    folder, slash, base = name.rpartition("/")
+    if re.match(r"^[^.]+[.]", base):
+        return name
+    return f"{folder}{slash}{base.replace('.', '%2E') or '%2E'}.noext"
+
+
+TENSOR_COLUMNS = ("video", "image", "audio_mel", "audio_wave", "text_ids", "text_mask")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample that was not kept: its key, the fault kind (manifest counter) and why."""
+
+    key: str
+    kind: str
+    detail: str
+
+
+def resolve_tokenizer(cfg: PipelineConfig, shards: list[str]) -> str | None:
+    """The tokenizer as JSON text (shipped to every actor), or None when text is not enabled.
+
+    ``text.tokenizer`` None means ``tokenizer.json`` beside the shards or one folder up
+    (where ``platform data synth`` writes it); not finding one fails at once.
+    """
+    if "text" not in cfg.modalities.enabled:
+        return None
+    so = cfg.source.storage_options
+    if cfg.text.tokenizer:
+        candidates = [cfg.text.tokenizer]
+    else:
+        folder = shards[0].rsplit("/", 1)[0]
+        candidates = [join(folder, "tokenizer.json"), join(folder.rsplit("/", 1)[0], "tokenizer.json")]
+    for url in candidates:
+        fs, path = filesystem(url, so)
+        if fs.exists(path):
+            return fs.cat_file(path).decode("utf-8")
+    raise ConfigError(f"text is enabled but no tokenizer was found (looked at {candidates}); set text.tokenizer")
+
+
+def decode_or_skip(key: str, members: dict[str, bytes], cfg: PipelineConfig, tokenizer: Any) -> DecodedSample | Skipped:
+    """Decode one raw sample; any failure becomes a ``Skipped`` record, never an exception."""
+    try:
+        return decode_sample({"__key__": key, **members}, cfg, tokenizer)
+    except DecodeError as exc:
+        return Skipped(key, exc.kind, exc.message)
+    except Exception as exc:  # a decoder library failing in a way decode.py does not type yet
+        log.warning("unexpected %s decoding %s: %s", type(exc).__name__, key, exc)
+        return Skipped(key, "decode_error", f"{type(exc).__name__}: {exc}")
+
+
+def raw_samples(batch: dict[str, np.ndarray]) -> Iterable[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a raw webdataset batch (absent members left out)."""
+    members = [c for c in batch if not c.startswith("__")]
+    for i, key in enumerate(batch["__key__"]):
+        yield str(key), {ext: bytes(batch[ext][i]) for ext in members if isinstance(batch[ext][i], (bytes, bytearray))}
+
+
+def _arrays(sample: DecodedSample) -> dict[str, np.ndarray]:
+    return {c: sample.row[c] for c in TENSOR_COLUMNS if c in sample.row}
+
+
+def _pack(results: list[DecodedSample | Skipped]) -> dict[str, np.ndarray]:
+    """One fixed schema for kept and skipped rows of any bucket (tensors as raw bytes + layout)."""
+    out: dict[str, list[Any]] = {c: [] for c in (*SCALAR_COLUMNS, *TENSOR_COLUMNS)}
+    for r in results:
+        kept = isinstance(r, DecodedSample)
+        arrays = _arrays(r) if kept else {}
+        out["key"].append(r.key)
+        out["bucket"].append(r.bucket if kept else "")
+        out["skip_kind"].append("" if kept else r.kind)
+        out["label"].append(int(r.row["label"]) if kept else -1)
+        out["direction"].append(int(r.row["direction"]) if kept else -1)
+        out["caption"].append(r.row["caption"] if kept else r.detail)
+        out["layout"].append(json.dumps({c: [str(a.dtype), list(a.shape)] for c, a in arrays.items()}))
+        for c in TENSOR_COLUMNS:
+            out[c].append(np.ascontiguousarray(arrays[c]).tobytes() if c in arrays else b"")
+    packed = {c: np.array(v, dtype=object) for c, v in out.items()}
+    packed["label"] = np.asarray(out["label"], dtype=np.int64)
+    packed["direction"] = np.asarray(out["direction"], dtype=np.int64)
+    return packed
+
+
+def stack_rows(rows: list[DecodedSample], with_caption: bool) -> dict[str, np.ndarray]:
+    """Rows of one bucket as uniform columns (the processed-row layout of the data contract)."""
+    batch: dict[str, np.ndarray] = {
+        "key": np.array([r.key for r in rows], dtype=object),
+        "label": np.array([r.row["label"] for r in rows], dtype=np.int64),
+        "direction": np.array([r.row["direction"] for r in rows], dtype=np.int64),
+    }
+    if with_caption:
+        batch["caption"] = np.array([r.row["caption"] for r in rows], dtype=object)
+    for column in _arrays(rows[0]) if rows else ():
+        batch[column] = np.stack([r.row[column] for r in rows])
+    return batch
+
+
+class DecodeBatches:
+    """Ray Data actor: raw webdataset batch -> packed rows (preprocess) or one bucket's rows (streaming).
+
+    Each actor loads the tokenizer once; decode.py reads headers first and decodes only the
+    sampled frames. A bad sample becomes a skip record with its key and fault kind.
+    """
+
+    def __init__(self, cfg: PipelineConfig, tokenizer_json: str | None, keep_bucket: str | None = None) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, cfg.decode.num_threads))  # one process per core, not cores^2 threads
+        self.cfg, self.keep_bucket = cfg, keep_bucket
+        self.tokenizer = load_tokenizer(tokenizer_json) if tokenizer_json else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = [decode_or_skip(key, members, self.cfg, self.tokenizer) for key, members in raw_samples(batch)]
+        if self.keep_bucket is None:
+            return _pack(results)
+        for r in results:
+            if isinstance(r, Skipped):
+                log.warning("skipped %s: %s (%s)", r.key, r.kind, r.detail)
+        kept = [r for r in results if isinstance(r, DecodedSample) and r.bucket == self.keep_bucket]
+        return stack_rows(kept, with_caption="text" in self.cfg.modalities.enabled)
+
+
+def _bucket_table(rows: Any, layout: dict[str, list[Any]], with_caption: bool) -> Any:
+    """Packed rows of one bucket -> an Arrow table with Ray tensor columns (uniform shapes)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    n = rows.num_rows
+    columns: dict[str, Any] = {
+        "key": rows.column("key"),
+        "label": rows.column("label"),
+        "direction": rows.column("direction"),
+    }
+    if with_caption:
+        columns["caption"] = rows.column("caption")
+    for name, (dtype, shape) in layout.items():
+        raw = b"".join(rows.column(name).to_pylist())
+        columns[name] = ArrowTensorArray.from_numpy(np.frombuffer(raw, dtype=dtype).reshape(n, *shape))
+    return pa.table(columns)
+
+
+def _column_spec(table: Any, layout: dict[str, list[Any]]) -> dict[str, dict[str, Any]]:
+    """Per-column dtype and shape ([] for scalars) recorded in the manifest for readers."""
+    import pyarrow as pa
+
+    spec: dict[str, dict[str, Any]] = {}
+    for field in table.schema:
+        if field.name in layout:
+            spec[field.name] = {"dtype": layout[field.name][0], "shape": list(layout[field.name][1])}
+        else:
+            is_text = pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+            spec[field.name] = {"dtype": "str" if is_text else str(field.type), "shape": []}
+    return spec
+
+
+def _make_sink(root: str, storage_options: dict[str, Any], with_caption: bool) -> Any:
+    from ray.data import Datasink
+
+    class BucketParquetSink(Datasink):
+        """Writes each bucket's rows to ``ROOT/bucket=<name>/<task>.parquet``; returns a TaskReport."""
+
+        def __init__(self) -> None:
+            self.report = manifest_io.TaskReport()
+            self.run = uuid.uuid4().hex[:8]
+
+        def get_name(self) -> str:
+            return "WriteBuckets"
+
+        def write(self, blocks: Iterable[Any], ctx: Any) -> manifest_io.TaskReport:
+            import pyarrow.compute as pc
+            import pyarrow.parquet as pq
+            from ray.data.block import BlockAccessor
+
+            fs, base = filesystem(root, storage_options)
+            report = manifest_io.TaskReport()
+            writers: dict[str, tuple[Any, Any, str]] = {}
+            try:
+                for block in blocks:
+                    table = BlockAccessor.for_block(block).to_arrow()
+                    skipped = table.filter(pc.not_equal(table.column("skip_kind"), ""))
+                    for key, kind in zip(skipped.column("key").to_pylist(), skipped.column("skip_kind").to_pylist(), strict=True):
+                        report.skip(kind, key)
+                    kept = table.filter(pc.equal(table.column("skip_kind"), ""))
+                    for bucket in sorted(set(kept.column("bucket").to_pylist())):
+                        rows = kept.filter(pc.equal(kept.column("bucket"), bucket))
+                        layout = json.loads(rows.column("layout")[0].as_py())
+                        out = _bucket_table(rows, layout, with_caption)
+                        part = report.buckets.setdefault(bucket, manifest_io.BucketPart(columns=_column_spec(out, layout)))
+                        if bucket not in writers:
+                            rel = f"{BUCKET_DIR.format(bucket)}/part-{self.run}-{ctx.task_idx:05d}.parquet"
+                            fs.makedirs(join(base, BUCKET_DIR.format(bucket)), exist_ok=True)
+                            handle = fs.open(join(base, rel), "wb")
+                            writers[bucket] = (pq.ParquetWriter(handle, out.schema), handle, rel)
+                            part.files.append({"path": rel, "row_groups": []})
+                        writers[bucket][0].write_table(out, row_group_size=out.num_rows)
+                        part.files[-1]["row_groups"].append(out.num_rows)
+                        part.count += out.num_rows
+                        report.read += out.num_rows
+            finally:
+                for writer, handle, _ in writers.values():
+                    writer.close()
+                    handle.close()
+            return report
+
+        def on_write_complete(self, write_result: Any) -> None:
+            for task_report in write_result.write_returns:
+                self.report.merge(task_report)
+
+    return BucketParquetSink()
+
+
+def _actor_cpus(cfg: PipelineConfig) -> float:
+    """Logical CPUs per decode actor: one, unless the cluster is too small to also fit the I/O tasks.
+
+    A 2-CPU ``ray.init()`` with two 1-CPU actors would leave nothing for the read task and
+    the pipeline would stall without an error (REFERENCE: Ray 2.60 facts).
+    """
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return min(1.0, max(0.1, (total - 2 * IO_TASK_CPUS) / cfg.decode.num_actors))
+
+
+def _limit_resources(ds: Any, cfg: PipelineConfig, actor_cpus: float) -> None:
+    """Cap what this dataset may use so it runs on 2 cores beside training (REFERENCE: Ray 2.60)."""
+    from ray.data import ExecutionResources
+
+    cpus = cfg.decode.num_actors * actor_cpus + 2 * IO_TASK_CPUS
+    ds.context.execution_options.resource_limits = ExecutionResources(cpu=cpus)
+
+
+def _one_filesystem(urls: list[str], storage_options: dict[str, Any]) -> tuple[Any, list[str]]:
+    protocols = {filesystem(u, storage_options)[0].protocol for u in urls}
+    if len(protocols) > 1:
+        raise ConfigError(f"source.paths mix filesystems {sorted(map(str, protocols))}; use one per pipeline")
+    fs = filesystem(urls[0], storage_options)[0]
+    return fs, [filesystem(u, storage_options)[1] for u in urls]
+
+
+def decoded_dataset(cfg: PipelineConfig, keep_bucket: str | None = None) -> tuple[Any, ShardListing]:
+    """The lazy read -> decode graph (packed rows, or one bucket's uniform rows) and the shard listing."""
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    listing = list_shards(cfg.source.paths, cfg.source.storage_options)
+    fs, paths = _one_filesystem(listing.shards, cfg.source.storage_options)
+    ds = ray.data.read_webdataset(
+        paths,
+        filesystem=fs,
+        decoder=None,  # keep raw bytes: decoding happens once, in the actors below
+        filerename=safe_member_name,
+        file_extensions=["tar"],
+        num_cpus=IO_TASK_CPUS,
+    )
+    if not ray.is_initialized():
+        ray.init()
+    actor_cpus = _actor_cpus(cfg)
+    _limit_resources(ds, cfg, actor_cpus)
+    ds = ds.map_batches(
+        DecodeBatches,
+        fn_constructor_args=(cfg, resolve_tokenizer(cfg, listing.shards), keep_bucket),
+        batch_size=cfg.decode.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=cfg.decode.num_actors),
+        num_cpus=actor_cpus,
+    )
+    return ds, listing
+
+
+def _clear_output(root: str, storage_options: dict[str, Any]) -> None:
+    """Remove a previous run's buckets and manifest (only those) so counts never mix runs."""
+    fs, base = filesystem(root, storage_options)
+    if not fs.exists(base):
+        fs.makedirs(base, exist_ok=True)
+        return
+    for entry in fs.ls(base, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("bucket=") or name == manifest_io.MANIFEST_NAME:
+            fs.rm(entry, recursive=True)
+
+
+def preprocess(cfg: PipelineConfig) -> dict[str, Any]:
+    """Decode, bucket and write one source to ``cfg.output.path``; returns (and writes) the manifest.
+
+    Raises FileNotFoundError naming the path when the source does not exist; every bad
+    sample or unusable file is skipped and counted by kind with its key.
+    """
+    start = time.perf_counter()
+    ds, listing = decoded_dataset(cfg)
+    out = cfg.output.path.rstrip("/")
+    _clear_output(out, cfg.output.storage_options)
+    sink = _make_sink(out, cfg.output.storage_options, "text" in cfg.modalities.enabled)
+    log.info("preprocess %s: %d shards -> %s", cfg.name, len(listing.shards), out)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    seconds = time.perf_counter() - start
+    report = sink.report
+    tokens = {
+        name: tokens_per_sample(manifest_io.shapes(part.columns), cfg.patches) for name, part in report.buckets.items()
+    }
+    result = manifest_io.build(
+        report,
+        listing.skipped,
+        tokens,
+        extra={
+            "name": cfg.name,
+            "source": list(cfg.source.paths),
+            "output": out,
+            "shards": len(listing.shards),
+            "timing": {"seconds": round(seconds, 3), "samples_per_s": round(report.read / seconds, 2)},
+            "stats": ds.stats(),
+        },
+    )
+    manifest_io.write(result, join(out, manifest_io.MANIFEST_NAME), cfg.output.storage_options)
+    return result

@@ -1,0 +1,110 @@
+"""Where shards live: local folders/globs or ``s3://`` prefixes, listed through fsspec.
+
+Listing happens on the driver before Ray Data starts so that the two faults that are about
+*files* rather than samples (an empty shard, a non-tar file in the folder) are skipped and
+counted by path, and a missing source fails at once with a message naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
+
+TAR_BLOCK = 512
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class ShardListing:
+    """Readable tar shards (full URLs) plus the files skipped while listing, by kind."""
+
+    shards: list[str] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, kind: str, path: str) -> None:
+        self.skipped.setdefault(kind, []).append(path)
+
+
+def filesystem(path: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``path`` (local or ``s3://``) and the path inside it."""
+    return url_to_fs(str(path), **(storage_options or {}))
+
+
+def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path inside ``fs`` as a URL that ``filesystem`` maps back to the same file."""
+    return fs.unstrip_protocol(path) if _is_remote(fs) else path
+
+
+def join(root: str, *parts: str) -> str:
+    """Join path parts with ``/`` (works for local paths and URLs alike)."""
+    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _is_remote(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" not in fs.protocol and "local" not in fs.protocol
+
+
+def _probe(fs: fsspec.AbstractFileSystem, path: str, size: int) -> str | None:
+    """Return a skip kind for files that are not usable tar shards, else None.
+
+    An all-zero first block is a tar with no members (the end-of-archive marker); a header
+    without the ``ustar`` magic at offset 257 is not a (POSIX/GNU) tar at all.
+    """
+    if not path.endswith(".tar"):
+        return "not_tar"
+    if size == 0:
+        return "empty_shard"
+    with fs.open(path, "rb") as fh:
+        head = fh.read(TAR_BLOCK)
+    if len(head) < TAR_BLOCK:
+        return "not_tar"
+    if not any(head):
+        return "empty_shard"
+    if head[257:262] != b"ustar":
+        return "not_tar"
+    return None
+
+
+def _expand(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
+    """File entries (with name and size) under one source path, glob or folder."""
+    if _GLOB_CHARS & set(path):
+        matches = fs.glob(path, detail=True)
+        if not matches:
+            raise FileNotFoundError(f"source path not found: no files match {path!r}")
+        entries: list[dict[str, Any]] = []
+        for name, info in sorted(matches.items()):
+            entries.extend(_expand(fs, name) if info["type"] == "directory" else [info])
+        return entries
+    if not fs.exists(path):
+        raise FileNotFoundError(f"source path not found: {path!r}")
+    if fs.isdir(path):
+        return [info for _, info in sorted(fs.find(path, detail=True).items()) if info["type"] == "file"]
+    return [fs.info(path)]
+
+
+def list_shards(paths: list[str] | str, storage_options: dict[str, Any] | None = None) -> ShardListing:
+    """List tar shards under each path (folder, file or glob; local or ``s3://``).
+
+    Raises FileNotFoundError naming the path when a source does not exist or a glob matches
+    nothing, and when no readable shard remains at all; other unusable files are counted.
+    """
+    listing = ShardListing()
+    for source in [paths] if isinstance(paths, str) else paths:
+        fs, path = filesystem(source, storage_options)
+        for info in _expand(fs, path):
+            name = info["name"]
+            kind = _probe(fs, name, int(info.get("size") or 0))
+            if kind:
+                log.warning("skipping %s: %s", name, kind)
+                listing.skip(kind, full_url(fs, name))
+            else:
+                listing.shards.append(full_url(fs, name))
+    if not listing.shards:
+        raise FileNotFoundError(f"no readable tar shards under {paths!r} (skipped: {listing.skipped})")
+    return listing

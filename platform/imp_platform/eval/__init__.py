@@ -1,0 +1,1 @@
+"""Held-out evaluation (zero-shot by text prompts, retrieval) and the PNG run report."""

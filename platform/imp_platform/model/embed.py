@@ -1,0 +1,175 @@
+"""Per-modality embedders: tubelets (video, images as short clips), log-mel patches, raw-waveform
+patches and text tokens; factorized positions; a modality-type embedding; DropToken.
+
+Positions are three learned tables (temporal, vertical, horizontal) read with linear
+interpolation at *normalized* token coordinates (cell centres in [0, 1]), so every bucket
+resolution, frame count or clip length uses the same weights. Text keeps absolute positions.
+Inputs whose sizes are not multiples of the patch are cropped to the largest multiple.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from imp_platform.config.model import ModelConfig
+
+MODALITIES = ("video", "image", "audio_mel", "audio_wave", "text")
+# Images and video share the tubelet embedder and the type embedding (IMP feeds images as clips).
+TYPE_IDS = {"video": 0, "image": 0, "audio_mel": 1, "audio_wave": 2, "text": 3}
+
+
+@dataclass
+class Embedded:
+    tokens: torch.Tensor  # [B, N, d]
+    mask: torch.Tensor | None  # [B, N] True = real token; None = all real
+
+
+def check_modality(modality: str) -> None:
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+
+
+def grid_shape(cfg: ModelConfig, modality: str, shape: Sequence[int]) -> tuple[int, int, int]:
+    """Token grid (t, h, w) for one sample of per-sample ``shape`` (no batch dimension)."""
+    check_modality(modality)
+    pt, ph, pw = cfg.video_patch
+    if modality == "video":
+        t, h, w = shape[0], shape[1], shape[2]
+        grid = (t // pt, h // ph, w // pw)
+    elif modality == "image":
+        grid = (1, shape[0] // ph, shape[1] // pw)
+    elif modality == "audio_mel":
+        pf, pm = cfg.audio_patch
+        grid = (shape[0] // pf, shape[1] // pm, 1)
+    elif modality == "audio_wave":
+        grid = (shape[0] // cfg.wave_patch, 1, 1)
+    else:
+        grid = (shape[0], 1, 1)
+    if min(grid) < 1:
+        raise ValueError(f"{modality} input of shape {tuple(shape)} is smaller than one patch")
+    return grid
+
+
+def normalized_coords(grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """Cell-centre coordinates in [0, 1] for a (t, h, w) grid, row-major: [t*h*w, 3]."""
+    axes = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n for n in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+class FactorizedPositions(nn.Module):
+    """Sum of temporal, vertical and horizontal tables, each interpolated at a coordinate in [0, 1]."""
+
+    def __init__(self, sizes: tuple[int, int, int], dim: int) -> None:
+        super().__init__()
+        self.tables = nn.ParameterList([nn.Parameter(torch.randn(n, dim) * 0.02) for n in sizes])
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        """``coords`` [..., 3] -> [..., dim]."""
+        out = 0
+        for axis, table in enumerate(self.tables):
+            pos = coords[..., axis].clamp(0, 1) * (table.shape[0] - 1)
+            lo = pos.floor().long()
+            hi = (lo + 1).clamp_max(table.shape[0] - 1)
+            frac = (pos - lo).unsqueeze(-1).to(table.dtype)
+            out = out + table[lo] * (1 - frac) + table[hi] * frac
+        return out
+
+
+def drop_tokens(
+    tokens: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor | None, rate: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """DropToken: keep a random ``1 - rate`` share of each sample's tokens with their coordinates.
+
+    Every sample keeps the same count (the batch stays rectangular); kept tokens stay in order.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {rate}")
+    batch, n = tokens.shape[:2]
+    keep = max(1, round(n * (1.0 - rate)))
+    if rate == 0.0 or keep >= n:
+        return tokens, coords, mask
+    scores = torch.rand(batch, n, device=tokens.device)
+    if mask is not None:  # prefer real tokens over padding
+        scores = scores + (~mask).float()
+    idx = torch.sort(torch.topk(scores, keep, dim=1, largest=False).indices, dim=1).values
+    take = lambda t: torch.gather(t, 1, idx.view(batch, keep, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))  # noqa: E731
+    return take(tokens), take(coords), None if mask is None else take(mask)
+
+
+class Embedders(nn.Module):
+    """All modality-specific input layers; outputs tokens with position and type added."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        pt, ph, pw = cfg.video_patch
+        pf, pm = cfg.audio_patch
+        self.vision = nn.Linear(pt * ph * pw * 3, d, bias=cfg.bias)
+        self.audio_mel = nn.Linear(pf * pm, d, bias=cfg.bias)
+        self.audio_wave = nn.Linear(cfg.wave_patch, d, bias=cfg.bias)
+        self.text = nn.Embedding(cfg.vocab_size, d)
+        nn.init.normal_(self.text.weight, std=0.02)
+        self.positions = FactorizedPositions(cfg.max_positions, d)
+        self.text_positions = nn.Parameter(torch.randn(cfg.max_text_len, d) * 0.02)
+        self.types = nn.Parameter(torch.randn(max(TYPE_IDS.values()) + 1, d) * 0.02)
+
+    def forward(
+        self, modality: str, inputs: torch.Tensor, mask: torch.Tensor | None = None, drop_rate: float = 0.0
+    ) -> Embedded:
+        check_modality(modality)
+        if modality == "text":
+            tokens, coords = self._text(inputs)
+        else:
+            patches, grid = self._patchify(modality, inputs)
+            layer = self.vision if modality in ("video", "image") else getattr(self, modality)
+            tokens = layer(patches.to(layer.weight.dtype))
+            coords = normalized_coords(grid, inputs.device).expand(tokens.shape[0], -1, -1)
+            mask = None
+        tokens, coords, mask = drop_tokens(tokens, coords, mask, drop_rate)
+        if modality == "text":
+            tokens = tokens + self.text_positions[coords[..., 0].long()]
+        else:
+            tokens = tokens + self.positions(coords).to(tokens.dtype)
+        return Embedded(tokens + self.types[TYPE_IDS[modality]], mask)
+
+    def _text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if ids.dim() != 2:
+            raise ValueError(f"text ids must be [B, L], got shape {tuple(ids.shape)}")
+        length = ids.shape[1]
+        if length > self.cfg.max_text_len:
+            raise ValueError(f"text length {length} exceeds max_text_len ({self.cfg.max_text_len})")
+        # Text coordinates are absolute positions (in axis 0), kept through DropToken.
+        coords = torch.zeros(ids.shape[0], length, 3, device=ids.device)
+        coords[..., 0] = torch.arange(length, device=ids.device, dtype=torch.float32)
+        return self.text(ids.long()), coords
+
+    def _patchify(self, modality: str, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Cut ``x`` (batched) into flat patches [B, N, patch_dim] on the token grid."""
+        batch = x.shape[0]
+        grid = grid_shape(self.cfg, modality, x.shape[1:])
+        nt, nh, nw = grid
+        if modality in ("video", "image"):
+            if modality == "image":
+                if x.dim() != 4:
+                    raise ValueError(f"image input must be [B, H, W, 3], got {tuple(x.shape)}")
+                x = x.unsqueeze(1).expand(-1, self.cfg.video_patch[0], -1, -1, -1)
+            elif x.dim() != 5:
+                raise ValueError(f"video input must be [B, T, H, W, 3], got {tuple(x.shape)}")
+            pt, ph, pw = self.cfg.video_patch
+            x = x[:, : nt * pt, : nh * ph, : nw * pw].float() * 2.0 - 1.0
+            x = x.reshape(batch, nt, pt, nh, ph, nw, pw, 3).permute(0, 1, 3, 5, 2, 4, 6, 7)
+            return x.reshape(batch, nt * nh * nw, -1), grid
+        if modality == "audio_mel":
+            if x.dim() != 3 or x.shape[2] != self.cfg.mel_bins:
+                raise ValueError(f"audio_mel input must be [B, F, {self.cfg.mel_bins}], got {tuple(x.shape)}")
+            pf, pm = self.cfg.audio_patch
+            x = x[:, : nt * pf].float().reshape(batch, nt, pf, nh, pm).permute(0, 1, 3, 2, 4)
+            return x.reshape(batch, nt * nh, -1), grid
+        if x.dim() != 2:
+            raise ValueError(f"audio_wave input must be [B, S], got {tuple(x.shape)}")
+        return x[:, : nt * self.cfg.wave_patch].float().reshape(batch, nt, -1), grid

@@ -1,0 +1,220 @@
+"""Sparse mixture-of-experts FFN: Expert-Choice (IMP's default) and dropless token-choice top-k.
+
+Experts are stored stacked, ``w1`` [E, d, h] and ``w2`` [E, h, d] (bias-free, as IMP), so
+the export layout is one tensor per layer and both routers run as batched GEMMs:
+Expert Choice has fixed shapes ([E, C, d]) and uses ``bmm``; token choice sorts the
+(token, expert) assignments by expert and runs ``grouped_mm`` over the jagged groups.
+The router runs in float32; gates scale expert outputs in float32 before the scatter-add.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imp_platform.config.model import MoEConfig
+
+
+@dataclass
+class MoEStats:
+    """What one MoE call reports: the weighted aux loss and per-expert load for metrics."""
+
+    aux_loss: torch.Tensor
+    load: torch.Tensor  # [E] fraction of routed (token, expert) assignments, detached
+    coverage: torch.Tensor  # fraction of real tokens that reached at least one expert, detached
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted components, detached
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def load_balance_loss(probs: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
+    """Switch load balance E * sum_i f_i * P_i (f: share of assignments, P: mean prob); 1.0 when uniform."""
+    num_experts = probs.shape[-1]
+    counts = torch.bincount(assignments.reshape(-1), minlength=num_experts).to(probs.dtype)
+    f = counts / counts.sum().clamp_min(1)
+    return num_experts * (f * probs.mean(dim=0)).sum()
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(1e-9))).sum(dim=-1)
+
+
+def limoe_local_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """LIMoE local loss: mean per-token routing entropy (minimized: confident routing)."""
+    return _entropy(probs).mean()
+
+
+def limoe_global_entropy(probs: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+    """LIMoE global loss on the modality's mean routing distribution (minimized: spread experts).
+
+    ``-H(mean p)``, or ``relu(threshold - H(mean p))`` so it stops once the modality uses
+    about ``exp(threshold)`` experts.
+    """
+    entropy = _entropy(probs.mean(dim=0))
+    return -entropy if threshold is None else F.relu(threshold - entropy)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (CPU grouped_mm rejects expanded grads)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad.contiguous()
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` [M, K] sorted by group, times per-group ``w`` [G, K, N] -> [M, N].
+
+    Uses ``torch.nn.functional.grouped_mm`` (int32 end offsets; offs[-1] == M so no row is
+    left uninitialised) on CPU and for bf16 on CUDA; loops over groups otherwise.
+    """
+    if x.shape[0] == 0:
+        return x.new_zeros(0, w.shape[-1])
+    if x.device.type == "cpu" or x.dtype == torch.bfloat16:
+        offs = torch.cumsum(counts, dim=0).to(torch.int32)
+        return _ContiguousGrad.apply(F.grouped_mm(x, w, offs=offs))
+    parts = torch.split(x, counts.tolist())
+    return torch.cat([part @ w[g] for g, part in enumerate(parts)], dim=0)
+
+
+class MoEFFN(nn.Module):
+    """A drop-in sparse replacement for the dense FFN of a Transformer block."""
+
+    def __init__(self, d_model: int, hidden: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        # Router in float32, no bias, N(0, 0.02) as IMP.
+        self.router = nn.Parameter(torch.empty(d_model, cfg.num_experts, dtype=torch.float32))
+        self.w1 = nn.Parameter(torch.empty(cfg.num_experts, d_model, hidden))
+        self.w2 = nn.Parameter(torch.empty(cfg.num_experts, hidden, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.router, std=self.cfg.router_init_std)
+        # Same scale as nn.Linear's default init, per expert.
+        for w in (self.w1, self.w2):
+            bound = 1.0 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """``x`` [B, N, d], ``mask`` [B, N] (True = real token) -> (y [B, N, d], stats)."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        valid = None if mask is None else mask.reshape(-1)
+        if self.cfg.router == "expert_choice":
+            y, stats = self._expert_choice(flat, valid)
+        else:
+            y, stats = self._top_k(flat, valid)
+        return y.view(shape), stats
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return x.float() @ self.router
+
+    def _experts_bmm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(F.gelu(torch.bmm(x, self.w1)), self.w2)
+
+    def _aux(self, logits: torch.Tensor, probs: torch.Tensor, assignments: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        weighted = {"z_loss": (cfg.z_loss_weight, router_z_loss(logits))}
+        if assignments is not None:
+            weighted["load_balance"] = (cfg.load_balance_weight, load_balance_loss(probs, assignments))
+        if cfg.limoe_local_weight:
+            weighted["limoe_local"] = (cfg.limoe_local_weight, limoe_local_entropy(probs))
+        if cfg.limoe_global_weight:
+            weighted["limoe_global"] = (cfg.limoe_global_weight, limoe_global_entropy(probs, cfg.limoe_global_threshold))
+        return weighted
+
+    def _stats(self, weighted: dict, load: torch.Tensor, coverage: torch.Tensor) -> MoEStats:
+        aux = sum(w * v for w, v in weighted.values())
+        return MoEStats(
+            aux_loss=aux,
+            load=load.detach(),
+            coverage=coverage.detach(),
+            losses={k: v.detach() for k, (_, v) in weighted.items()},
+        )
+
+    def _expert_choice(self, x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, MoEStats]:
+        """Each expert picks its top-C tokens of each group by router probability."""
+        tokens, d = x.shape
+        experts = self.num_experts
+        groups = max(1, math.ceil(tokens / self.cfg.group_size))
+        size = math.ceil(tokens / groups)
+        pad = groups * size - tokens
+        if valid is None:
+            valid = torch.ones(tokens, dtype=torch.bool, device=x.device)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+            valid = F.pad(valid, (0, pad), value=False)
+        capacity = min(size, max(1, math.ceil(size * self.cfg.capacity_factor / experts)))
+
+        logits = self._logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        scores = probs.view(groups, size, experts).transpose(1, 2)  # [G, E, S]
+        group_valid = valid.view(groups, 1, size)
+        # Padded tokens score -1, below any probability: picked only when a group has too few real tokens.
+        gates, idx = torch.topk(scores.masked_fill(~group_valid, -1.0), capacity, dim=-1)  # [G, E, C]
+        picked_valid = gates >= 0
+        gates = gates.clamp_min(0.0)
+        token_idx = (idx + torch.arange(groups, device=x.device).view(groups, 1, 1) * size).transpose(0, 1)  # [E, G, C]
+        token_idx = token_idx.reshape(experts, groups * capacity)
+
+        out = self._experts_bmm(x[token_idx])  # [E, G*C, d]
+        out = out.float() * gates.transpose(0, 1).reshape(experts, groups * capacity, 1)
+        y = torch.zeros(groups * size, d, dtype=out.dtype, device=x.device)
+        y.index_add_(0, token_idx.reshape(-1), out.reshape(-1, d))
+        y = y[:tokens].to(x.dtype)
+
+        real_logits, real_probs = logits[valid], probs[valid]
+        picked = picked_valid.transpose(0, 1).reshape(experts, -1)
+        per_expert = picked.sum(dim=1).float()
+        load = per_expert / per_expert.sum().clamp_min(1)
+        hits = torch.zeros(groups * size, device=x.device).index_add_(0, token_idx.reshape(-1), picked.reshape(-1).float())
+        coverage = (hits[valid] > 0).float().mean() if real_probs.numel() else hits.new_zeros(())
+        weighted = self._aux(real_logits, real_probs, None) if real_probs.numel() else {}
+        return y, self._stats(weighted, load, coverage) if weighted else self._empty_stats(x, load, coverage)
+
+    def _top_k(self, x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, MoEStats]:
+        """Each real token goes to its top-k experts; no capacity, nothing dropped."""
+        tokens, d = x.shape
+        experts, k = self.num_experts, self.cfg.top_k
+        rows = None if valid is None else valid.nonzero().squeeze(1)
+        xs = x if rows is None else x[rows]
+        if xs.shape[0] == 0:
+            load = x.new_zeros(experts, dtype=torch.float32)
+            return torch.zeros_like(x), self._empty_stats(x, load, load.new_zeros(()))
+
+        logits = self._logits(xs)
+        probs = torch.softmax(logits, dim=-1)
+        gates, expert_ids = torch.topk(probs, k, dim=-1)  # [Tv, k]
+        flat_ids = expert_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        src = order // k  # row of xs for each sorted assignment
+        counts = torch.bincount(flat_ids, minlength=experts)
+        dest = src if rows is None else rows[src]
+
+        h = F.gelu(grouped_matmul(x[dest], self.w1, counts))
+        out = grouped_matmul(h, self.w2, counts)
+        out = out.float() * gates.reshape(-1)[order].unsqueeze(1)
+        y = torch.zeros(tokens, d, dtype=out.dtype, device=x.device).index_add_(0, dest, out).to(x.dtype)
+
+        load = counts.float() / counts.sum()
+        weighted = self._aux(logits, probs, expert_ids)
+        return y, self._stats(weighted, load, torch.ones((), device=x.device))
+
+    def _empty_stats(self, x: torch.Tensor, load: torch.Tensor, coverage: torch.Tensor) -> MoEStats:
+        # Keep the router in the graph so DDP sees a gradient (zero) for it.
+        zero = (self.router.sum() * 0.0).to(torch.float32)
+        return MoEStats(aux_loss=zero, load=load.detach(), coverage=coverage.detach())

@@ -1,0 +1,1 @@
+"""AGD pretraining on Ray Train V2: sampler, worker loop, trainer, checkpoints, metrics."""

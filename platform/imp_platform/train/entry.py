@@ -1,0 +1,42 @@
+"""What ``jobs/pretrain.py``, ``platform pretrain`` and ``platform demo`` share: run and summarize."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from imp_platform.config.train import load_pretrain_config
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("zeroshot_video_top1", "zeroshot_audio_top1", "zeroshot_image_top1", "retrieval_video_text_r1")
+
+
+def run_pretrain(config: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """Load the config (default: the embedded demo), pretrain, print where the results are."""
+    from imp_platform.train.trainer import pretrain
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cfg = load_pretrain_config(config, overrides)
+    began = time.perf_counter()
+    result = pretrain(cfg)
+    summary = {k: result.metrics[k] for k in HEADLINE if k in result.metrics}
+    print(f"\npretraining {cfg.run.name} done in {time.perf_counter() - began:.0f}s at step "
+          f"{result.metrics.get('step')}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"metrics:    {result.metrics_path}")
+    print(f"report:     {result.report_path}")
+    return {"checkpoint": result.checkpoint, "metrics": result.metrics,
+            "metrics_path": str(result.metrics_path), "report_path": str(result.report_path)}
+
+
+def run_eval(checkpoint: str, out: str | Path | None = None, max_samples: int | None = None) -> dict:
+    from imp_platform.eval.run import evaluate_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    result = evaluate_checkpoint(checkpoint, out, max_samples=max_samples)
+    print(", ".join(f"{k} {result.metrics[k]:.3f}" for k in HEADLINE if k in result.metrics))
+    print(f"metrics: {result.metrics_path}")
+    print(f"report:  {result.report_path}")
+    return result.metrics

@@ -1,0 +1,157 @@
+"""Build and run the Ray Train V2 ``TorchTrainer`` for a pretraining config.
+
+``build_trainer`` is the one place that maps ``PretrainConfig.run`` onto Ray's scaling, storage,
+failure and checkpoint settings, so ``pretrain`` and the tune stream's trials train identically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imp_platform.config import ConfigError, load_config
+from imp_platform.config.train import PretrainConfig
+
+log = logging.getLogger(__name__)
+
+PLATFORM_DIR = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class PretrainResult:
+    checkpoint: str | None  # path (local or URI) of the latest checkpoint
+    metrics: dict[str, Any]  # the last reported metrics (includes the final held-out eval)
+    metrics_path: Path | None = None  # metrics.json of the final eval
+    report_path: Path | None = None  # the PNG report
+
+
+def _storage(cfg: PretrainConfig) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem): local paths made absolute; s3:// with options via fsspec."""
+    path = cfg.run.storage_path
+    if "://" not in path:
+        return str(Path(path).resolve()), None
+    if not cfg.run.storage_options:
+        return path, None
+    import pyarrow.fs
+
+    from imp_platform.data.sources import filesystem
+
+    fs, stripped = filesystem(path, cfg.run.storage_options)
+    return stripped, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any = None):
+    """A ``TorchTrainer`` for ``cfg``; ``run_config`` (e.g. from a Tune trial) replaces the one built here."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from imp_platform.train.loop import train_loop_per_worker
+
+    if run_config is None:
+        storage_path, storage_fs = _storage(cfg)
+        run_config = RunConfig(
+            name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=list(callbacks) or None,
+        )
+    elif callbacks:
+        run_config.callbacks = list(run_config.callbacks or []) + list(callbacks)
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if cfg.run.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+    )
+
+
+def ensure_ray(cfg: PretrainConfig, attempts: int = 3) -> None:
+    """Join the cluster Ray points us at (``ray job submit`` sets RAY_ADDRESS), else start a local one.
+
+    Locally we declare more logical CPUs than cores, so fractional-CPU train workers and Ray
+    Data's decode tasks can run side by side on a 2-core box (REFERENCE.md, Ray 2.60 facts).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    for attempt in range(1, attempts + 1):
+        try:
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init()
+            else:
+                ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, include_dashboard=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": str(PLATFORM_DIR)}})
+            return
+        except Exception as exc:  # a raylet that times out on a busy box: Ray raises a bare Exception
+            if attempt == attempts:
+                raise
+            log.warning("ray.init failed (%s); retrying (%d/%d)", exc, attempt, attempts)
+            ray.shutdown()
+
+
+def _exists(url: str, storage_options: dict | None) -> bool:
+    from imp_platform.data.sources import filesystem
+
+    fs, path = filesystem(url, storage_options)
+    return fs.exists(path)
+
+
+def prepare_data(cfg: PretrainConfig) -> None:
+    """Make the processed train and eval splits if missing: synth shards (if configured), then preprocess."""
+    from imp_platform.config.pipeline import PipelineConfig
+    from imp_platform.data.manifest import MANIFEST_NAME
+    from imp_platform.data.pipeline import preprocess
+
+    for split in dict.fromkeys([cfg.data.train_split, cfg.data.eval_split, *(t.split for t in cfg.tasks.values())]):
+        processed = cfg.data.processed_path(split)
+        if _exists(f"{processed}/{MANIFEST_NAME}", cfg.data.storage_options):
+            continue
+        raw = f"{cfg.data.raw_root}/{split}"
+        if not _exists(raw, cfg.data.storage_options):
+            if cfg.data.synth is None:
+                raise ConfigError(f"data.root: no processed split {split!r} at {processed} and no raw shards at {raw} "
+                                  "(set data.synth to generate moving digits)")
+            from imp_platform.data.synth import write_dataset
+
+            samples = cfg.data.synth.test_samples if split == cfg.data.eval_split else cfg.data.synth.train_samples
+            log.info("writing %d synthetic %s samples to %s", samples, split, raw)
+            write_dataset(cfg.data.raw_root, samples=samples, shards=cfg.data.synth.shards, seed=cfg.data.synth.seed,
+                          split=split)
+        pipeline = load_config(PipelineConfig, cfg.data.pipeline,
+                               [f"source.paths=[{raw}]", f"output.path={processed}"])
+        log.info("preprocessing %s -> %s", raw, processed)
+        preprocess(pipeline)
+
+
+def pretrain(cfg: PretrainConfig) -> PretrainResult:
+    """Prepare data, train on Ray, write metrics.json and the PNG report of the final eval."""
+    ensure_ray(cfg)
+    prepare_data(cfg)
+    result = build_trainer(cfg).fit()
+    checkpoint = result.checkpoint
+    metrics = dict(result.metrics or {})
+    out = PretrainResult(checkpoint=checkpoint.path if checkpoint else None, metrics=metrics)
+    if checkpoint is not None and cfg.eval.report:
+        from imp_platform.eval.run import write_outputs
+        from imp_platform.train.checkpoint import load_history
+
+        with checkpoint.as_directory() as directory:
+            history = load_history(directory)
+        out.metrics_path, out.report_path = write_outputs(metrics, history, report_dir(cfg), title=cfg.run.name)
+    return out
+
+
+def report_dir(cfg: PretrainConfig) -> Path:
+    """Local folder for metrics.json and the PNG (beside local checkpoints, else under runs/)."""
+    if "://" in cfg.run.storage_path:
+        return Path("runs") / cfg.run.name / "report"
+    return Path(cfg.run.storage_path).resolve() / cfg.run.name / "report"

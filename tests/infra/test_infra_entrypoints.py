@@ -1,0 +1,98 @@
+"""RayJob entrypoints, base and every overlay: they name scripts and configs that exist, survive the
+KubeRay submitter's shell, pass their own config validation, fit the cluster, and agree with each
+other on where data lives (preprocess output = pretrain input)."""
+
+from __future__ import annotations
+
+import pytest
+from infra_manifests import (
+    REPO,
+    entrypoint_argv,
+    gpu_capacity,
+    of_kind,
+    option_value,
+    option_values,
+    rendered,
+    set_value,
+    the_cluster,
+    variants,
+)
+
+VARIANTS = list(variants())
+# KubeRay splices the entrypoint unquoted into `bash -c "... ray job submit ... -- ENTRYPOINT ; ..."`
+# in the submitter pod: any of these would be interpreted there, not by the job.
+SHELL_SYNTAX = set(";&|$`<>(){}[]*?!~#'\"\\\n")
+SCRIPTS = {"preprocess": "jobs/preprocess.py", "pretrain": "jobs/pretrain.py", "tune": "jobs/tune.py"}
+
+
+def _jobs(variant: str, component: str) -> list[dict]:
+    return [job for job in of_kind(rendered(variant), "RayJob")
+            if job["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+
+
+def _job(variant: str, component: str) -> dict:
+    (job,) = _jobs(variant, component)
+    return job
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_entrypoints_name_existing_scripts_and_configs(variant):
+    for job in of_kind(rendered(variant), "RayJob"):
+        name, argv = job["metadata"]["name"], entrypoint_argv(job)
+        component = job["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert argv[:2] == ["python", SCRIPTS[component]], f"{name}: {argv[:2]}"
+        files = [arg for arg in argv[1:] if arg.endswith((".py", ".yaml", ".yml")) and "=" not in arg]
+        assert len(files) >= 2, f"{name}: names no config"
+        for path in files:
+            assert (REPO / path).is_file(), f"{name}: {path} does not exist in the repository"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_entrypoints_have_no_shell_syntax(variant):
+    for job in of_kind(rendered(variant), "RayJob"):
+        found = SHELL_SYNTAX & set(job["spec"]["entrypoint"])
+        assert not found, f"{job['metadata']['name']}: {sorted(found)} would be run by the submitter's shell"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pretrain_entrypoint_is_a_valid_gpu_run_that_fits_the_cluster(variant):
+    from imp_platform.config.train import load_pretrain_config
+
+    argv = entrypoint_argv(_job(variant, "pretrain"))
+    cfg = load_pretrain_config(REPO / option_value(argv, "--config"), option_values(argv, "--set"))
+    assert cfg.run.use_gpu and cfg.data.synth is None
+    assert cfg.run.storage_path.startswith("s3://") and cfg.data.root.startswith("s3://"), \
+        "checkpoints and data must outlive the ephemeral cluster"
+    capacity = gpu_capacity(the_cluster(rendered(variant))["spec"])
+    assert 1 <= cfg.run.num_workers <= capacity, \
+        f"{cfg.run.num_workers} GPU workers never fit {capacity} GPUs: the job would wait forever"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_preprocess_writes_where_pretrain_reads(variant):
+    from imp_platform.config.pipeline import load_pipeline
+    from imp_platform.config.train import load_pretrain_config
+
+    argv = entrypoint_argv(_job(variant, "pretrain"))
+    cfg = load_pretrain_config(REPO / option_value(argv, "--config"), option_values(argv, "--set"))
+    outputs, inputs = set(), set()
+    for job in _jobs(variant, "preprocess"):
+        pre = entrypoint_argv(job)
+        load_pipeline(REPO / pre[2])
+        outputs.add(option_value(pre, "--output"))
+        inputs.add(option_value(pre, "--input"))
+    assert outputs == {cfg.data.processed_path(cfg.data.train_split), cfg.data.processed_path(cfg.data.eval_split)}
+    assert all(path.startswith(cfg.data.raw_root + "/") for path in inputs), (inputs, cfg.data.raw_root)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tune_entrypoint_is_a_valid_sweep_that_fits_the_cluster(variant):
+    from imp_platform.config.base import load_config
+    from imp_platform.config.tune import SweepConfig
+
+    argv = entrypoint_argv(_job(variant, "tune"))
+    sweep = load_config(SweepConfig, REPO / option_value(argv, "--space"), option_values(argv, "--set"))
+    assert sweep.storage_path.startswith("s3://"), "trial results must outlive the ephemeral cluster"
+    assert sweep.resources.use_gpu
+    assert sweep.resources.workers <= gpu_capacity(the_cluster(rendered(variant))["spec"])
+    assert set_value(argv, "storage_path") == sweep.storage_path

@@ -1,0 +1,37 @@
+"""``platform tune`` and ``jobs/tune.py``: a bad sweep YAML is one clear line and exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from imp_platform.cli import app
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bad_sweep(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"base": str(REPO / "jobs/configs/pretrain.yaml"), "steps": 4,
+                                    "storage_path": str(tmp_path / "tune"),
+                                    "space": {"tasks.video_text.wieght": {"uniform": [0.1, 1.0]}}}))
+    return path
+
+
+def test_cli_rejects_an_unknown_path_naming_the_key(tmp_path):
+    result = CliRunner().invoke(app, ["tune", "--space", str(bad_sweep(tmp_path))])
+    assert result.exit_code == 2
+    assert "space.tasks.video_text.wieght" in result.output and "no key 'wieght'" in result.output
+    assert not (tmp_path / "tune").exists()  # nothing started
+
+
+def test_job_script_rejects_a_bad_override(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(REPO / "jobs" / "mixing.yaml"),
+                           "--set", "space.optim.lr={loguniform: [0.01, 0.001]}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "space.optim.lr" in proc.stderr and "must be below high" in proc.stderr
