@@ -70,17 +70,18 @@ def test_pretrain_entrypoint_is_a_valid_gpu_run_that_fits_the_cluster(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_preprocess_writes_where_pretrain_reads(variant):
-    from imp_platform.config.pipeline import load_pipeline
     from imp_platform.config.train import load_pretrain_config
+    from imp_platform.data.pipeline import load_preprocess_config
 
     argv = entrypoint_argv(_job(variant, "pretrain"))
     cfg = load_pretrain_config(REPO / option_value(argv, "--config"), option_values(argv, "--set"))
     outputs, inputs = set(), set()
     for job in _jobs(variant, "preprocess"):
         pre = entrypoint_argv(job)
-        load_pipeline(REPO / pre[2])
-        outputs.add(option_value(pre, "--output"))
-        inputs.add(option_value(pre, "--input"))
+        pipeline = load_preprocess_config(REPO / pre[2], option_value(pre, "--input"), option_value(pre, "--output"),
+                                          option_values(pre, "--set"))
+        outputs.add(pipeline.output.path)
+        inputs.update(pipeline.source.paths)
     assert outputs == {cfg.data.processed_path(cfg.data.train_split), cfg.data.processed_path(cfg.data.eval_split)}
     assert all(path.startswith(cfg.data.raw_root + "/") for path in inputs), (inputs, cfg.data.raw_root)
 

@@ -76,6 +76,15 @@ def test_core_objects_and_pod_templates_validate_against_kubernetes(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_every_object_belongs_to_one_apply_stage(variant):
+    """README applies stage by stage with `-l app.kubernetes.io/component=...`."""
+    for obj in rendered(variant):
+        stage = obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+        expected = obj["metadata"]["name"].removeprefix("imp-").split("-")[0] if obj["kind"] == "RayJob" else "cluster"
+        assert stage == expected, f"{obj['kind']}/{obj['metadata']['name']}: component {stage!r}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_names_fit_kuberay_limits(variant):
     for obj in rendered(variant):
         name = obj["metadata"]["name"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def _tiny(tmp_path) -> list[str]:
     return [
         "run.use_gpu=false", "run.num_workers=2", "run.steps=4", "run.eval_every=4", "run.name=infra-e2e",
         f"run.storage_path={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
-        "data.synth.train_samples=64", "data.synth.test_samples=32", "eval.max_samples=32",
+        "data.synth.train_samples=64", "data.synth.test_samples=32", "data.synth.shards=2", "eval.max_samples=32",
     ]
 
 
@@ -34,6 +35,17 @@ def _client_env(head_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def _submit(command: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's job agent has not registered yet (the dashboard port
+    opens first); that refusal happens before any job exists, so a retry cannot run it twice."""
+    deadline = time.monotonic() + 90
+    while True:
+        out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in out.stdout + out.stderr or time.monotonic() > deadline:
+            return out
+        time.sleep(2)
+
+
 @pytest.mark.slow
 def test_pretrain_rayjob_entrypoint_runs_through_ray_job_submit(ray_head, tmp_path):
     (job,) = [j for j in of_kind(rendered("base"), "RayJob") if j["metadata"]["name"] == "imp-pretrain"]
@@ -42,7 +54,7 @@ def test_pretrain_rayjob_entrypoint_runs_through_ray_job_submit(ray_head, tmp_pa
     # On the cluster runtimeEnvYAML's working_dir is the image's copy of the repo; here it is the repo.
     command = [ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
                "--", *argv, *overrides]
-    out = subprocess.run(command, cwd=REPO, env=_client_env(ray_head["env"]), capture_output=True, text=True, timeout=600)
+    out = _submit(command, _client_env(ray_head["env"]))
     log = (out.stdout + out.stderr)[-6000:]
     assert out.returncode == 0 and "succeeded" in out.stdout, log
     run_dir = tmp_path / "runs" / "infra-e2e"

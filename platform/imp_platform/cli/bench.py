@@ -13,6 +13,20 @@ QuickOpt = Annotated[bool, typer.Option("--quick", help="Smaller sizes, for a fa
 OutOpt = Annotated[Path, typer.Option("--out", help="Where to write the JSON results.")]
 
 
+@app.command("moe")
+def moe(quick: QuickOpt = False, out: OutOpt = Path("runs/bench/moe.json")) -> None:
+    """MoE layer fwd+bwd (Expert Choice, top-k) vs a dense FFN of equal active FLOPs and a naive expert loop."""
+    import json
+    import logging
+
+    from imp_platform.bench.moe import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    result = run(quick, out)
+    typer.echo(json.dumps(result["summary"], indent=2))
+    typer.echo(f"wrote {out}")
+
+
 @app.command("train")
 def train(quick: QuickOpt = False, out: OutOpt = Path("runs/bench/train.json")) -> None:
     """AGD vs mixed batches and MoE vs dense (equal params per token): tokens/s and zero-shot accuracy."""

@@ -108,7 +108,7 @@ class AudioConfig(StrictModel):
 
     sample_rate: int = Field(16000, gt=0)
     n_mels: int = Field(128, gt=0)
-    n_fft: int = Field(400, gt=0)
+    n_fft: int = Field(1024, gt=0)
     hop_length: int = Field(160, gt=0)
     clip_seconds: list[float] = Field(default_factory=lambda: [1.0, 2.0], min_length=1)
     waveform: bool = False

@@ -200,10 +200,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
             data.setdefault("space", {})[".".join(key[1:])] = value
     sweep = validate(SweepConfig, apply_overrides(data, plain), source=str(path))
     if sweep.base is not None:
-        base_path = Path(sweep.base)
-        if not base_path.is_absolute() and not base_path.exists():
-            base_path = path.parent / base_path
-        sweep.base = str(base_path.resolve())
+        sweep.base = str((path.parent / sweep.base).resolve())  # an absolute base stays as it is
     base = load_base(sweep)
     check_space(sweep, base, source=str(path))
     return sweep, base

@@ -31,36 +31,103 @@ class DecodeError(Exception):
     kind: str = "decode_error"
 
     def __init__(self, kind: str, message: str) -> None:
-        super().__init__(f"{kind}: {message}")
+        super().__init__(kind, message)
         self.kind = kind
         self.message = message
 
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
 
-def _error_class(name: str, kind: str, doc: str) -> type[DecodeError]:
-    def __init__(self: DecodeError, message: str) -> None:
-        DecodeError.__init__(self, kind, message)
-
-    return type(name, (DecodeError,), {"kind": kind, "__init__": __init__, "__doc__": doc})
+    def __reduce__(self) -> tuple:  # survives pickling across Ray workers whatever the subclass signature
+        return _rebuild_error, (type(self), self.kind, self.message)
 
 
-CorruptVideo = _error_class("CorruptVideo", "corrupt_video", "Truncated or unreadable video container/stream.")
-UnknownCodec = _error_class("UnknownCodec", "unknown_codec", "A stream whose codec no decoder here knows.")
-AbsurdResolution = _error_class("AbsurdResolution", "absurd_resolution", "Header promises frames larger than limits.max_side.")
-AbsurdDuration = _error_class("AbsurdDuration", "absurd_duration", "Header promises media longer than limits.max_duration_s.")
-CorruptAudio = _error_class("CorruptAudio", "corrupt_audio", "Unreadable audio file or track.")
-EmptyAudio = _error_class("EmptyAudio", "empty_audio", "Audio with no samples.")
-NanAudio = _error_class("NanAudio", "nan_audio", "Audio samples that are NaN or infinite.")
-BadTextEncoding = _error_class("BadTextEncoding", "bad_text_encoding", "Caption bytes that are not valid UTF-8.")
-CorruptText = _error_class("CorruptText", "corrupt_text", "Caption json that does not parse or lacks the caption key.")
-CorruptImage = _error_class("CorruptImage", "corrupt_image", "Unreadable image.")
-MissingModality = _error_class("MissingModality", "missing_modality", "A required modality has no member in the sample.")
-UnsafeMemberName = _error_class("UnsafeMemberName", "unsafe_member_name", "A tar member name that escapes its folder.")
+def _rebuild_error(cls: type[DecodeError], kind: str, message: str) -> DecodeError:
+    error = cls.__new__(cls)
+    DecodeError.__init__(error, kind, message)
+    return error
 
-ERROR_KINDS: tuple[str, ...] = tuple(
-    cls.kind
-    for cls in (CorruptVideo, UnknownCodec, AbsurdResolution, AbsurdDuration, CorruptAudio, EmptyAudio, NanAudio,
-                BadTextEncoding, CorruptText, CorruptImage, MissingModality, UnsafeMemberName)
-)
+
+class _KindError(DecodeError):
+    """A DecodeError whose kind is fixed by its class: ``CorruptVideo("why")``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(type(self).kind, message)
+
+
+class CorruptVideo(_KindError):
+    """Truncated or unreadable video container/stream."""
+
+    kind = "corrupt_video"
+
+
+class UnknownCodec(_KindError):
+    """A stream whose codec no decoder here knows."""
+
+    kind = "unknown_codec"
+
+
+class AbsurdResolution(_KindError):
+    """A header promising frames larger than ``limits.max_side``."""
+
+    kind = "absurd_resolution"
+
+
+class AbsurdDuration(_KindError):
+    """A header promising media longer than ``limits.max_duration_s``."""
+
+    kind = "absurd_duration"
+
+
+class CorruptAudio(_KindError):
+    """Unreadable audio file or track."""
+
+    kind = "corrupt_audio"
+
+
+class EmptyAudio(_KindError):
+    """Audio with no samples (or a video with no audio track where one was needed)."""
+
+    kind = "empty_audio"
+
+
+class NanAudio(_KindError):
+    """Audio samples that are NaN or infinite."""
+
+    kind = "nan_audio"
+
+
+class BadTextEncoding(_KindError):
+    """Caption bytes that are not valid UTF-8."""
+
+    kind = "bad_text_encoding"
+
+
+class CorruptText(_KindError):
+    """Caption json that does not parse or lacks the caption key."""
+
+    kind = "corrupt_text"
+
+
+class CorruptImage(_KindError):
+    """Unreadable image."""
+
+    kind = "corrupt_image"
+
+
+class MissingModality(_KindError):
+    """A required modality has no member in the sample."""
+
+    kind = "missing_modality"
+
+
+class UnsafeMemberName(_KindError):
+    """A tar member name (or sample key) that is absolute or climbs out of its folder."""
+
+    kind = "unsafe_member_name"
+
+
+ERROR_KINDS: tuple[str, ...] = tuple(cls.kind for cls in _KindError.__subclasses__())
 
 
 def check_member_name(name: str) -> None:
@@ -136,6 +203,14 @@ def sample_indices(num_frames: int, native_fps: float, count: int, fps: float | 
     return np.minimum(np.floor(start + step * np.arange(count)), num_frames - 1).astype(np.int64)
 
 
+def init_worker(num_threads: int = 1) -> None:
+    """Call once in each decode process (e.g. a Ray actor's ``__init__``): bound torch's intra-op threads,
+    since many single-threaded decoders per node beat a few that fight over cores."""
+    import torch
+
+    torch.set_num_threads(max(1, num_threads))
+
+
 def _decode_decord(data: bytes, size: tuple[int, int, int], fps: float | None, num_threads: int) -> np.ndarray:
     import decord
 
@@ -179,7 +254,7 @@ def decode_video(
     info = info or probe_video(data, limits)
     try:
         frames = _decode_decord(data, size, fps, num_threads)
-    except Exception:  # decord raises its own DECORDError / RuntimeError variants; PyAV gets a second chance
+    except Exception:  # DECORDError for containers it cannot open, and for some output widths (8, 16, 24, 48, 72 px)
         try:
             frames = _decode_pyav(data, size, fps, info)
         except DecodeError:
@@ -253,14 +328,21 @@ def _mel_transform(sample_rate: int, n_fft: int, hop_length: int, n_mels: int) -
     return torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels)
 
 
+@functools.lru_cache(maxsize=8)
+def _resampler(rate: int, target: int) -> Any:
+    import torchaudio
+
+    return torchaudio.transforms.Resample(rate, target)  # builds the sinc kernel once per rate pair
+
+
 def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
     """Mono float32 resampling with torchaudio's band-limited sinc interpolation."""
     if rate == target:
         return wave
     import torch
-    import torchaudio.functional as taf
 
-    return taf.resample(torch.from_numpy(np.ascontiguousarray(wave)), rate, target).numpy()
+    with torch.no_grad():
+        return _resampler(rate, target)(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))).numpy()
 
 
 def crop_or_pad(wave: np.ndarray, length: int) -> np.ndarray:
@@ -347,7 +429,9 @@ def probe_image(data: bytes, limits: LimitsConfig | None = None) -> tuple[int, i
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise AbsurdResolution(f"image header: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise CorruptImage(f"cannot read image header ({exc})") from None
     if max(width, height) > limits.max_side:
         raise AbsurdResolution(f"image {width}x{height} exceeds limits.max_side={limits.max_side}")

@@ -106,3 +106,15 @@ def read(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, A
             return json.load(fh)
     except FileNotFoundError:
         raise FileNotFoundError(f"no {MANIFEST_NAME} at {url}: run `platform data preprocess` first") from None
+
+
+def format_summary(manifest: dict[str, Any]) -> str:
+    """A short table for the end of a preprocess run: buckets with counts, then skips by kind."""
+    rows = [("bucket", "count", "tokens/sample")]
+    rows += [(b["name"], str(b["count"]), str(b["tokens_per_sample"])) for b in manifest["buckets"]]
+    rows += [(f"skipped: {kind}", str(n), "") for kind, n in manifest["skipped"].items()]
+    rows.append(("total read", str(manifest["total_read"]), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -16,12 +16,13 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from imp_platform.config import ConfigError
-from imp_platform.config.pipeline import PipelineConfig
+from imp_platform.config.pipeline import PipelineConfig, load_pipeline
 from imp_platform.data import manifest as manifest_io
 from imp_platform.data.buckets import tokens_per_sample
 from imp_platform.data.decode import DecodedSample, DecodeError, decode_sample, load_tokenizer
@@ -357,3 +358,18 @@ def preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     )
     manifest_io.write(result, join(out, manifest_io.MANIFEST_NAME), cfg.output.storage_options)
     return result
+
+
+def load_preprocess_config(
+    path: str | Path | None,
+    input_path: str | None = None,
+    output_path: str | None = None,
+    overrides: list[str] | None = None,
+) -> PipelineConfig:
+    """Pipeline YAML + ``--set`` overrides, then ``--input``/``--output`` replace source and output paths."""
+    cfg = load_pipeline(path, overrides)
+    if input_path:
+        cfg.source.paths = [str(input_path)]
+    if output_path:
+        cfg.output.path = str(output_path)
+    return cfg

@@ -44,7 +44,8 @@ DTMF_HZ: dict[int, tuple[float, float]] = {
     0: (941, 1336),
 }
 SPLITS: dict[str, tuple[int, ...]] = {"train": tuple(range(8)), "val": (8,), "test": (9,)}
-FRAME_SIZES: tuple[tuple[int, int], ...] = ((48, 48), (64, 64), (48, 80), (80, 48))  # (H, W)
+# (H, W). No frame is 48 px wide: decord 0.6 fails on widths 8, 16, 24, 48 and 72 (row-alignment bug).
+FRAME_SIZES: tuple[tuple[int, int], ...] = ((56, 56), (64, 64), (48, 80), (80, 56))
 FPS_CHOICES: tuple[int, ...] = (8, 10, 12, 15, 24, 30)
 DURATIONS_S: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
 SAMPLE_RATES: tuple[int, ...] = (8000, 16000, 22050, 44100)
@@ -245,7 +246,12 @@ def write_dataset(
     workers = workers or min(os.cpu_count() or 1, max(1, samples // 32))
     args = [(seed, split, i) for i in range(samples)]
     paths: list[Path] = []
-    pool = mp.get_context("forkserver").Pool(workers) if workers > 1 else None
+    pool = None
+    if workers > 1:
+        # forkserver: safe beside Ray's and torch's threads; preloading this module pays numpy/av/sklearn imports once.
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        pool = context.Pool(workers)
     try:
         results = pool.imap(_make_sample_args, args, chunksize=8) if pool else map(_make_sample_args, args)
         for shard in range(shards):

@@ -155,6 +155,8 @@ class MoEFFN(nn.Module):
         pad = groups * size - tokens
         if valid is None:
             valid = torch.ones(tokens, dtype=torch.bool, device=x.device)
+        n_real = int(valid.sum())
+        all_valid = n_real == tokens and not pad
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
             valid = F.pad(valid, (0, pad), value=False)
@@ -163,28 +165,31 @@ class MoEFFN(nn.Module):
         logits = self._logits(x)
         probs = torch.softmax(logits, dim=-1)
         scores = probs.view(groups, size, experts).transpose(1, 2)  # [G, E, S]
-        group_valid = valid.view(groups, 1, size)
-        # Padded tokens score -1, below any probability: picked only when a group has too few real tokens.
-        gates, idx = torch.topk(scores.masked_fill(~group_valid, -1.0), capacity, dim=-1)  # [G, E, C]
-        picked_valid = gates >= 0
-        gates = gates.clamp_min(0.0)
-        token_idx = (idx + torch.arange(groups, device=x.device).view(groups, 1, 1) * size).transpose(0, 1)  # [E, G, C]
-        token_idx = token_idx.reshape(experts, groups * capacity)
+        if not all_valid:
+            # Padded tokens score -1, below any probability: picked only when a group has too few real tokens.
+            scores = scores.masked_fill(~valid.view(groups, 1, size), -1.0)
+        gates, idx = torch.topk(scores, capacity, dim=-1)  # [G, E, C]
+        offsets = torch.arange(groups, device=x.device).view(groups, 1, 1) * size
+        token_idx = (idx + offsets).transpose(0, 1).reshape(-1)  # expert-major [E * G * C]
+        gates = gates.transpose(0, 1).reshape(-1, 1)
+        picked = gates >= 0  # False only for padding
+        if not all_valid:
+            gates = gates.clamp_min(0.0)
 
-        out = self._experts_bmm(x[token_idx])  # [E, G*C, d]
-        out = out.float() * gates.transpose(0, 1).reshape(experts, groups * capacity, 1)
-        y = torch.zeros(groups * size, d, dtype=out.dtype, device=x.device)
-        y.index_add_(0, token_idx.reshape(-1), out.reshape(-1, d))
+        out = self._experts_bmm(x.index_select(0, token_idx).view(experts, groups * capacity, d))
+        out = out.reshape(-1, d).to(gates.dtype) * gates
+        y = torch.zeros(groups * size, d, dtype=out.dtype, device=x.device).index_add_(0, token_idx, out)
         y = y[:tokens].to(x.dtype)
 
-        real_logits, real_probs = logits[valid], probs[valid]
-        picked = picked_valid.transpose(0, 1).reshape(experts, -1)
-        per_expert = picked.sum(dim=1).float()
-        load = per_expert / per_expert.sum().clamp_min(1)
-        hits = torch.zeros(groups * size, device=x.device).index_add_(0, token_idx.reshape(-1), picked.reshape(-1).float())
-        coverage = (hits[valid] > 0).float().mean() if real_probs.numel() else hits.new_zeros(())
-        weighted = self._aux(real_logits, real_probs, None) if real_probs.numel() else {}
-        return y, self._stats(weighted, load, coverage) if weighted else self._empty_stats(x, load, coverage)
+        with torch.no_grad():
+            per_expert = picked.view(experts, -1).sum(dim=1).float()
+            load = per_expert / per_expert.sum().clamp_min(1)
+            hits = torch.zeros(groups * size, device=x.device).index_add_(0, token_idx, picked.view(-1).float())
+            coverage = (hits[valid] > 0).float().mean() if n_real else hits.new_zeros(())
+        if not n_real:
+            return y, self._empty_stats(x, load, coverage)
+        real_logits, real_probs = (logits, probs) if all_valid else (logits[valid], probs[valid])
+        return y, self._stats(self._aux(real_logits, real_probs, None), load, coverage)
 
     def _top_k(self, x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, MoEStats]:
         """Each real token goes to its top-k experts; no capacity, nothing dropped."""
@@ -205,9 +210,9 @@ class MoEFFN(nn.Module):
         counts = torch.bincount(flat_ids, minlength=experts)
         dest = src if rows is None else rows[src]
 
-        h = F.gelu(grouped_matmul(x[dest], self.w1, counts))
+        h = F.gelu(grouped_matmul(x.index_select(0, dest), self.w1, counts))
         out = grouped_matmul(h, self.w2, counts)
-        out = out.float() * gates.reshape(-1)[order].unsqueeze(1)
+        out = out.to(gates.dtype) * gates.reshape(-1)[order].unsqueeze(1)
         y = torch.zeros(tokens, d, dtype=out.dtype, device=x.device).index_add_(0, dest, out).to(x.dtype)
 
         load = counts.float() / counts.sum()

@@ -30,8 +30,17 @@ from imp_platform.train.tasks import resolve_model_config, run_task, task_column
 
 log = logging.getLogger(__name__)
 
-# Set by tests (through the worker env) to learn each attempt's worker pids.
-PID_DIR_ENV = "IMP_TRAIN_PID_DIR"
+# Tests set this (worker env) to get each attempt's pid, resume step and per-step grad digests.
+DEBUG_DIR_ENV = "IMP_TRAIN_DEBUG_DIR"
+
+
+def _debug(rank: int, name: str, text: str) -> None:
+    """Append a line to ``$IMP_TRAIN_DEBUG_DIR/rank<r>-<name>`` (no-op unless the env var is set)."""
+    root = os.environ.get(DEBUG_DIR_ENV)
+    if root:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        with open(Path(root) / f"rank{rank}-{name}", "a") as fh:
+            fh.write(text + "\n")
 
 
 @dataclass
@@ -41,7 +50,8 @@ class BucketPlan:
     count: int
 
 
-def plan_buckets(cfg: PretrainConfig, model: Any, datasets: dict[str, Any]) -> dict[str, dict[str, BucketPlan]]:
+def plan_buckets(cfg: PretrainConfig, model: Any, datasets: dict[str, Any],
+                 world_size: int = 1) -> dict[str, dict[str, BucketPlan]]:
     """task -> bucket -> batch size from the token budget (``batch_size_for``), for buckets that have the columns."""
     from imp_platform.data.buckets import batch_size_for
 
@@ -57,7 +67,11 @@ def plan_buckets(cfg: PretrainConfig, model: Any, datasets: dict[str, Any]) -> d
             if not all(c in info.shape for c in columns) or info.count == 0:
                 continue
             tps = tokens_per_sample(model, task, info.shape)
-            plans[name][info.name] = BucketPlan(batch_size_for(tps, task.token_budget), tps, info.count)
+            # Never more rows than one rank's share: a batch that wraps its epoch would hold
+            # the same clip twice, a false negative for NCE.
+            batch = min(batch_size_for(tps, task.token_budget), info.count // world_size)
+            if batch >= 2:
+                plans[name][info.name] = BucketPlan(batch, tps, info.count)
         if not plans[name]:
             raise ValueError(f"task {name!r}: no bucket of split {task.split!r} has columns {task_columns(task)}")
     return plans
@@ -118,9 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(_threads(cfg))
-    if os.environ.get(PID_DIR_ENV):
-        Path(os.environ[PID_DIR_ENV]).mkdir(parents=True, exist_ok=True)
-        (Path(os.environ[PID_DIR_ENV]) / f"rank{rank}-{os.getpid()}").write_text(str(os.getpid()))
+    _debug(rank, "pids", str(os.getpid()))
     device = _device(cfg)
     torch.manual_seed(cfg.run.seed)
 
@@ -132,12 +144,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim, cfg.run.steps)
 
     datasets = _open_datasets(cfg, {t.split for t in cfg.tasks.values()})
-    plans = plan_buckets(cfg, model, datasets)
+    plans = plan_buckets(cfg, model, datasets, world)
     sampler = AGDSampler(cfg.agd, {n: t.rate for n, t in cfg.tasks.items()},
                          {n: {b: p.count for b, p in bp.items()} for n, bp in plans.items()})
     streams = Streams(cfg, datasets, plans, rank, world)
     history: list[dict[str, Any]] = []
     start = _restore(model, optimizer, scheduler, sampler, streams, history, rank, world)
+    _debug(rank, "starts", str(start))
 
     evaluator = _Evaluator(cfg, device) if cfg.eval.enabled and rank == 0 else None
     tb = TensorBoardLogger(Path(cfg.run.storage_path) / cfg.run.name / "tensorboard") \
@@ -160,12 +173,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             outputs = [run_task(model, c.task, cfg.tasks[c.task], b, device) for c, b in zip(choices, batches)]
             total = sum(o.loss for o in outputs)
         total.backward()
+        loss_value = float(total.detach())
         allreduce_gradients(params)
+        if os.environ.get(DEBUG_DIR_ENV):
+            _debug(rank, "grads", f"{step} {choices[0].task} {_grad_digest(params)!r}")
         grad_norm = clip_gradients(params, cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         window.record(
-            task="+".join(c.task for c in choices), loss=float(total),
+            task="+".join(c.task for c in choices), loss=loss_value,
             parts={f"{c.task}.{k}" if len(choices) > 1 else k: v for c, o in zip(choices, outputs) for k, v in o.parts.items()},
             tokens=sum(plans[c.task][c.bucket].tokens_per_sample * o.samples for c, o in zip(choices, outputs)),
             samples=sum(o.samples for o in outputs), step_time=time.perf_counter() - began, data_time=data_time,
@@ -183,8 +199,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     tb.log(row)
             if is_report:
                 _report(cfg, row, done, model, model_cfg, optimizer, scheduler, sampler, streams, history, rank, world)
+                window.restart_clock()
     if tb:
         tb.close()
+
+
+def _grad_digest(params: list[torch.nn.Parameter]) -> float:
+    return float(sum(p.grad.double().abs().sum() + p.grad.double().sum() for p in params if p.grad is not None))
 
 
 def _merge_loads(loads) -> dict[str, dict[str, list[float]]]:

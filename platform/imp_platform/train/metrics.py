@@ -54,6 +54,10 @@ class MetricsWindow:
             for layer, load in layers.items():
                 self._load[f"expert_load/{modality}/{layer}"].append(np.asarray(load, dtype=float))
 
+    def restart_clock(self) -> None:
+        """Exclude time spent outside training steps (eval, checkpointing) from throughput."""
+        self._started = time.perf_counter()
+
     def flush(self, step: int, lr: float) -> dict[str, Any]:
         """Window averages as one flat dict, then start a new window."""
         elapsed = max(time.perf_counter() - self._started, 1e-9)

@@ -98,7 +98,7 @@ def run_task(model: Any, name: str, task: TaskConfig, batch: dict[str, np.ndarra
     drop = task.drop_token if model.training else 0.0
     outs = {m: encode(model, m, batch, device, drop) for m in task.modalities}
     loss = sum(o.aux_loss for o in outs.values())
-    parts: dict[str, float] = {"aux": float(loss)}
+    parts: dict[str, float] = {"aux": float(loss.detach())}
     for obj in task.objectives:
         if obj.kind == "classification":
             modality = task.modalities[0]
@@ -112,7 +112,7 @@ def run_task(model: Any, name: str, task: TaskConfig, batch: dict[str, np.ndarra
             temperature, gather = model.temperature(a, b), is_distributed()  # negatives from every rank
             value = (nce_loss(za, zb, temperature, gather=gather) if obj.kind == "nce"
                      else mil_nce_loss(za, zb[:, None], temperature, gather=gather))
-        parts[obj.kind] = float(value)
+        parts[obj.kind] = float(value.detach())
         loss = loss + obj.weight * value
     load = {m: {str(layer): v.detach().float().cpu().tolist() for layer, v in o.expert_load.items()}
             for m, o in outs.items() if o.expert_load}

@@ -57,6 +57,7 @@ def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             callbacks=list(callbacks) or None,
+            worker_runtime_env={"env_vars": dict(cfg.run.worker_env)} if cfg.run.worker_env else None,
         )
     elif callbacks:
         run_config.callbacks = list(run_config.callbacks or []) + list(callbacks)

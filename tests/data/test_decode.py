@@ -1,0 +1,317 @@
+"""Decode ops on real encoded media, the PyAV fallback, and every error kind on a planted fault."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+import zlib
+
+import av
+import numpy as np
+import pytest
+import soundfile
+from PIL import Image
+
+from imp_platform.config.pipeline import AudioConfig, LimitsConfig, load_pipeline
+from imp_platform.data import decode
+from imp_platform.data.synth import DTMF_HZ, build_tokenizer, dtmf, make_sample
+
+
+def encode_video(width: int, height: int, frames: int = 12, fps: int = 12, fmt: str = "mp4",
+                 audio_rate: int | None = None) -> bytes:
+    """H.264 frames whose mean brightness encodes the frame index (so sampled indices are checkable)."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as container:
+        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "10"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if audio_rate:
+            astream = container.add_stream("aac", rate=audio_rate)
+            astream.layout = "mono"
+        for i in range(frames):
+            level = np.full((height, width, 3), 5 + 10 * i, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(level, format="rgb24")))
+        container.mux(stream.encode())
+        if audio_rate:
+            wave = dtmf(7, frames / fps, audio_rate, 1, np.random.default_rng(0))[:, 0]
+            for start in range(0, wave.size, 1024):
+                chunk = wave[start : start + 1024][None, :]
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout="mono")
+                frame.sample_rate, frame.pts = audio_rate, start
+                container.mux(astream.encode(frame))
+            container.mux(astream.encode())
+    return buf.getvalue()
+
+
+def encode_audio_pyav(wave: np.ndarray, rate: int, fmt: str, codec: str) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        frame_size = stream.codec_context.frame_size or 1152
+        sample_fmt = stream.codec_context.format.name
+        integer = {"s16": np.int16, "s32": np.int32}.get(sample_fmt[:3])
+        for start in range(0, wave.size, frame_size):
+            chunk = wave[start : start + frame_size]
+            if chunk.size < frame_size:
+                chunk = np.pad(chunk, (0, frame_size - chunk.size))
+            data = chunk[None, :].astype(np.float32)
+            if integer is not None:
+                data = (data * np.iinfo(integer).max).astype(integer)
+            frame = av.AudioFrame.from_ndarray(data, format=sample_fmt, layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def wav_bytes(wave: np.ndarray, rate: int, fmt: str = "WAV", subtype: str = "PCM_16") -> bytes:
+    buf = io.BytesIO()
+    soundfile.write(buf, wave, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def dominant_pair(mel_or_wave: np.ndarray, rate: int) -> tuple[float, float]:
+    spectrum = np.abs(np.fft.rfft(mel_or_wave))
+    freqs = np.fft.rfftfreq(mel_or_wave.size, 1 / rate)
+    low = (freqs > 600) & (freqs < 1000)
+    high = (freqs > 1150) & (freqs < 1550)
+    return freqs[low][spectrum[low].argmax()], freqs[high][spectrum[high].argmax()]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_pipeline()
+
+
+@pytest.fixture(scope="module")
+def sample() -> dict[str, object]:
+    """A real synth sample as a webdataset row (``__key__`` + extension -> bytes)."""
+    members = make_sample(3, "train", 5)
+    row: dict[str, object] = {"__key__": "train-000005"}
+    row.update({name.split(".", 1)[1]: data for name, data in members.items()})
+    return row
+
+
+# ---------------------------------------------------------------- video
+
+
+def test_probe_and_decode_h264_resizes_and_samples_the_centre(cfg) -> None:
+    data = encode_video(80, 48, frames=24, fps=12)
+    info = decode.probe_video(data)
+    assert (info.width, info.height, info.fps, info.num_frames, info.codec) == (80, 48, 12.0, 24, "h264")
+    assert info.duration_s == pytest.approx(2.0)
+    clip = decode.decode_video(data, (4, 32, 56), fps=6.0, info=info)
+    assert clip.shape == (4, 32, 56, 3) and clip.dtype == np.uint8
+    # 4 frames at 6 fps from a 12 fps, 24-frame video: every 2nd frame of the centred 8-frame window.
+    indices = np.round((clip.reshape(4, -1).mean(axis=1) - 5) / 10).astype(int).tolist()
+    assert indices == [8, 10, 12, 14]
+
+
+def test_sample_indices_clamp_short_videos() -> None:
+    assert decode.sample_indices(30, 30.0, 4, 10.0).tolist() == [9, 12, 15, 18]
+    assert decode.sample_indices(3, 10.0, 5, 10.0).tolist() == [0, 1, 2, 2, 2]
+    assert decode.sample_indices(10, 0.0, 3, None).tolist() == [0, 4, 9]
+
+
+def test_pyav_fallback_for_a_container_decord_rejects() -> None:
+    import decord
+
+    data = encode_video(64, 48, frames=12, fps=12, fmt="h264")  # a raw elementary stream, no container
+    with pytest.raises(decord.DECORDError):
+        decord.VideoReader(io.BytesIO(data))
+    clip = decode.decode_video(data, (4, 32, 32), fps=None)
+    assert clip.shape == (4, 32, 32, 3)
+    indices = np.round((clip.reshape(4, -1).mean(axis=1) - 5) / 10).astype(int).tolist()
+    assert indices == [0, 4, 7, 11]
+
+
+def test_pyav_fallback_matches_decord_where_both_work() -> None:
+    data = encode_video(64, 64, frames=12, fps=12)
+    info = decode.probe_video(data)
+    via_decord = decode._decode_decord(data, (3, 32, 32), None, 1)
+    via_pyav = decode._decode_pyav(data, (3, 32, 32), None, info)
+    assert np.abs(via_decord.astype(int) - via_pyav.astype(int)).mean() < 4
+
+
+def test_video_errors() -> None:
+    good = encode_video(64, 48)
+    with pytest.raises(decode.CorruptVideo) as err:
+        decode.probe_video(good[: len(good) // 2])  # truncated: the moov atom is at the end
+    assert err.value.kind == "corrupt_video"
+    with pytest.raises(decode.CorruptVideo):
+        decode.probe_video(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    with pytest.raises(decode.UnknownCodec) as err:
+        decode.probe_video(good.replace(b"avc1", b"zzzz"))
+    assert err.value.kind == "unknown_codec"
+    with pytest.raises(decode.AbsurdResolution, match="16384x16"):
+        decode.probe_video(encode_video(16384, 16, frames=1))
+    with pytest.raises(decode.AbsurdDuration):
+        decode.probe_video(good, LimitsConfig(max_duration_s=0.5))
+
+
+# ---------------------------------------------------------------- audio
+
+
+@pytest.mark.parametrize(("rate", "channels", "fmt"), [(8000, 1, "WAV"), (44100, 2, "FLAC"), (22050, 1, "OGG")])
+def test_soundfile_audio_to_mel(rate: int, channels: int, fmt: str) -> None:
+    wave = dtmf(4, 1.5, rate, channels, np.random.default_rng(1))
+    subtype = "VORBIS" if fmt == "OGG" else "PCM_16"
+    mono, got_rate = decode.decode_audio(wav_bytes(wave, rate, fmt, subtype), fmt.lower())
+    assert got_rate == rate and mono.shape == (int(1.5 * rate),)
+    audio = AudioConfig(hop_length=125, waveform=True)
+    feats = decode.audio_features(mono, rate, audio, 2.0)
+    assert feats["audio_mel"].shape == (256, 128) and feats["audio_mel"].dtype == np.float32
+    assert feats["audio_wave"].shape == (32000,)
+    assert np.isfinite(feats["audio_mel"]).all()
+    # resampled to 16 kHz, the DTMF pair of "4" is still where it should be; the tail is zero padding
+    low, high = dominant_pair(feats["audio_wave"][:24000], 16000)
+    assert abs(low - DTMF_HZ[4][0]) < 15 and abs(high - DTMF_HZ[4][1]) < 20
+    assert not feats["audio_wave"][24100:].any()
+
+
+@pytest.mark.parametrize(("fmt", "codec", "ext"), [("mp3", "libmp3lame", "mp3"), ("ipod", "aac", "m4a")])
+def test_pyav_audio(fmt: str, codec: str, ext: str) -> None:
+    wave = dtmf(9, 1.0, 22050, 1, np.random.default_rng(2))[:, 0]
+    mono, rate = decode.decode_audio(encode_audio_pyav(wave, 22050, fmt, codec), ext)
+    assert rate == 22050 and 0.9 * 22050 < mono.size < 1.2 * 22050
+    low, high = dominant_pair(mono, rate)
+    assert abs(low - DTMF_HZ[9][0]) < 15 and abs(high - DTMF_HZ[9][1]) < 20
+
+
+def test_audio_from_a_video_track() -> None:
+    mono, rate = decode.decode_audio(encode_video(64, 48, frames=12, fps=12, audio_rate=16000), "mp4")
+    assert rate == 16000 and mono.size > 0.9 * 16000
+    low, high = dominant_pair(mono, rate)
+    assert abs(low - DTMF_HZ[7][0]) < 15 and abs(high - DTMF_HZ[7][1]) < 20
+
+
+def test_audio_errors() -> None:
+    with pytest.raises(decode.EmptyAudio) as err:
+        decode.decode_audio(b"", "wav")
+    assert err.value.kind == "empty_audio"
+    with pytest.raises(decode.EmptyAudio):
+        decode.decode_audio(wav_bytes(np.zeros((0, 1), np.float32), 16000), "wav")
+    nan_wave = np.full((800, 1), np.nan, dtype=np.float32)
+    with pytest.raises(decode.NanAudio) as err:
+        decode.decode_audio(wav_bytes(nan_wave, 8000, subtype="FLOAT"), "wav")
+    assert err.value.kind == "nan_audio"
+    with pytest.raises(decode.CorruptAudio):
+        decode.decode_audio(b"RIFF....WAVEnot really", "wav")
+    with pytest.raises(decode.CorruptAudio):
+        decode.decode_audio(b"\xff\xfb" + bytes(64), "mp3")
+    with pytest.raises(decode.EmptyAudio, match="no audio track"):
+        decode.decode_audio(encode_video(64, 48), "mp4")
+    with pytest.raises(decode.NanAudio):
+        decode.audio_features(np.array([0.1, np.inf], np.float32), 16000, AudioConfig(), 1.0)
+
+
+# ---------------------------------------------------------------- text and images
+
+
+def test_text_and_tokenizer(tmp_path) -> None:
+    caption, meta = decode.decode_text(json.dumps({"caption": " the digit seven moves up ", "label": 7}).encode(), "json")
+    assert caption == "the digit seven moves up" and meta["label"] == 7
+    assert decode.decode_text("a plain caption\n".encode(), "txt") == ("a plain caption", {})
+    path = tmp_path / "tokenizer.json"
+    build_tokenizer().save(str(path))
+    tokenizer = decode.load_tokenizer(str(path))
+    assert decode.load_tokenizer(path.read_text()).get_vocab() == tokenizer.get_vocab()
+    ids, mask = decode.tokenize("The digit SEVEN moves up", tokenizer, 8)
+    assert ids.dtype == np.int32 and mask.dtype == bool
+    assert mask.tolist() == [True] * 5 + [False] * 3 and ids[5:].tolist() == [0, 0, 0]
+    assert 1 not in ids.tolist()  # no [UNK]: the vocabulary covers captions
+    ids, mask = decode.tokenize("one two three four five six", tokenizer, 4)
+    assert mask.all() and ids.shape == (4,)
+
+
+def test_text_errors() -> None:
+    with pytest.raises(decode.BadTextEncoding) as err:
+        decode.decode_text("caf\u00e9".encode("latin-1"), "txt")
+    assert err.value.kind == "bad_text_encoding"
+    with pytest.raises(decode.CorruptText):
+        decode.decode_text(b"{not json", "json")
+    with pytest.raises(decode.CorruptText, match="caption"):
+        decode.decode_text(b'{"label": 3}', "json")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_image_decode_resizes_to_rgb(fmt: str) -> None:
+    image = Image.new("L", (80, 48), 200)
+    data = png_bytes(image, fmt)
+    assert decode.probe_image(data) == (48, 80)
+    out = decode.decode_image(data, (32, 56))
+    assert out.shape == (32, 56, 3) and out.dtype == np.uint8 and abs(int(out.mean()) - 200) <= 2
+
+
+def test_image_errors() -> None:
+    with pytest.raises(decode.CorruptImage) as err:
+        decode.decode_image(b"\x89PNG\r\n\x1a\n garbage", (32, 32))
+    assert err.value.kind == "corrupt_image"
+    truncated = png_bytes(Image.effect_noise((64, 64), 50).convert("RGB"))[:300]
+    with pytest.raises(decode.CorruptImage):
+        decode.decode_image(truncated, (32, 32))
+    small = png_bytes(Image.new("L", (8, 8)))
+    ihdr = struct.pack(">II", 16384, 16384) + small[24:29]  # rewrite the header, fix its CRC
+    huge = small[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + small[33:]
+    with pytest.raises(decode.AbsurdResolution, match="exceeds"):
+        decode.probe_image(huge)
+
+
+# ---------------------------------------------------------------- whole samples
+
+
+def test_decode_sample_builds_a_contract_row(cfg, sample) -> None:
+    tokenizer = build_tokenizer()
+    out = decode.decode_sample(sample, cfg, tokenizer)
+    meta = json.loads(sample["json"])
+    row = out.row
+    assert out.key == "train-000005" and row["label"] == meta["label"] and row["caption"] == meta["caption"]
+    assert row["direction"] == ["left", "right", "up", "down"].index(meta["direction"])
+    assert row["video"].shape[0] == 8 and row["video"].shape[1:3] == row["image"].shape[:2]
+    assert row["audio_mel"].shape[1] == 128 and row["text_ids"].shape == row["text_mask"].shape == (16,)
+    assert out.shapes == {k: list(row[k].shape) for k in ("video", "image", "audio_mel", "text_ids")}
+    assert out.bucket.startswith("v8x") and out.bucket.endswith("_t16")
+
+
+def test_decode_sample_errors(cfg, sample) -> None:
+    tokenizer = build_tokenizer()
+    no_audio = {k: v for k, v in sample.items() if k not in ("wav", "flac")}
+    with pytest.raises(decode.MissingModality, match="audio") as err:
+        decode.decode_sample(no_audio, cfg, tokenizer)
+    assert err.value.kind == "missing_modality"
+    from_video = load_pipeline(None, ["modalities.audio_from_video=true"])
+    with pytest.raises(decode.EmptyAudio, match="no audio track"):  # allowed, but this mp4 has no soundtrack
+        decode.decode_sample(no_audio, from_video, tokenizer)
+    with pytest.raises(decode.UnsafeMemberName) as err:
+        decode.decode_sample({**sample, "__key__": "../x"}, cfg, tokenizer)
+    assert err.value.kind == "unsafe_member_name"
+    with pytest.raises(decode.UnsafeMemberName):
+        decode.decode_sample({**sample, "../../etc/passwd": b""}, cfg, tokenizer)
+    with pytest.raises(decode.BadTextEncoding):
+        decode.decode_sample({**sample, "json": b'{"caption": "\xff\xfe"}'}, cfg, tokenizer)
+    assert set(decode.ERROR_KINDS) >= {
+        "corrupt_video", "unknown_codec", "absurd_resolution", "empty_audio", "nan_audio",
+        "bad_text_encoding", "corrupt_image", "missing_modality", "unsafe_member_name"}
+
+
+def test_errors_pickle_with_their_kind() -> None:
+    for error in (decode.CorruptVideo("truncated"), decode.DecodeError("custom_kind", "why")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and copy.kind == error.kind and str(copy) == str(error)
+    assert str(decode.NanAudio("3 samples")) == "nan_audio: 3 samples"
+
+
+def test_check_member_name() -> None:
+    for good in ("train-000001", "sub/dir/key.mp4", "a..b.json"):
+        decode.check_member_name(good)
+    for bad in ("../x", "/etc/passwd", "a/../../b", "", "a\\b"):
+        with pytest.raises(decode.UnsafeMemberName):
+            decode.check_member_name(bad)

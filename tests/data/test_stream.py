@@ -1,0 +1,107 @@
+"""Training-side access: uniform batches, disjoint ranks, exact resume, eval passes, raw streaming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from imp_platform.cli import app
+from imp_platform.data.pipeline import load_preprocess_config
+from imp_platform.data.stream import BucketInfo, ProcessedDataset, raw_bucket_dataset
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stream") / "test"
+
+
+@pytest.fixture
+def dataset(ray_local: None, synth_shards: dict[str, Path], out_dir: Path) -> ProcessedDataset:
+    """The test split preprocessed once through the CLI (which prints the summary table)."""
+    if not (out_dir / "manifest.json").exists():
+        result = CliRunner().invoke(app, ["data", "preprocess", "--input", str(synth_shards["test"]), "--output", str(out_dir)])
+        assert result.exit_code == 0, result.output
+        assert "total read" in result.output and "40" in result.output
+    return ProcessedDataset.open(str(out_dir))
+
+
+def biggest(dataset: ProcessedDataset) -> BucketInfo:
+    return max(dataset.buckets, key=lambda b: b.count)
+
+
+def test_stream_batches_are_uniform_and_endless(dataset: ProcessedDataset) -> None:
+    assert sum(b.count for b in dataset.buckets) == 40
+    for info in dataset.buckets:
+        stream = dataset.stream(info.name, batch_size=3, columns=["key", "video", "audio_mel", "text_ids"], seed=0)
+        for _ in range(2 * info.count):  # well past one epoch: the stream never ends
+            batch = next(stream)
+            assert set(batch) == {"key", "video", "audio_mel", "text_ids"}
+            for column in ("video", "audio_mel", "text_ids"):
+                assert batch[column].shape == (3, *info.shape[column])
+        stream.close()
+
+
+def epoch_keys(dataset: ProcessedDataset, info: BucketInfo, rank: int, world: int, seed: int) -> list[str]:
+    """Exactly one epoch of one rank's rows, one row per batch."""
+    rows = (rank + 1) * info.count // world - rank * info.count // world
+    stream = dataset.stream(info.name, batch_size=1, columns=["key"], rank=rank, world_size=world, seed=seed)
+    keys = [str(next(stream)["key"][0]) for _ in range(rows)]
+    assert stream.state_dict()["epoch"] == 1 and stream.state_dict()["offset"] == 0
+    return keys
+
+
+def test_ranks_read_disjoint_rows_that_cover_the_bucket(dataset: ProcessedDataset) -> None:
+    info = biggest(dataset)
+    all_keys = {str(k) for b in dataset.iter_batches(info.name, 64, ["key"]) for k in b["key"]}
+    ranks = [epoch_keys(dataset, info, rank, 2, seed=5) for rank in range(2)]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert set(ranks[0]) | set(ranks[1]) == all_keys and len(ranks[0]) + len(ranks[1]) == info.count
+    # another seed reshuffles, the same seed repeats
+    assert epoch_keys(dataset, info, 0, 1, seed=5) == epoch_keys(dataset, info, 0, 1, seed=5)
+    assert epoch_keys(dataset, info, 0, 1, seed=5) != epoch_keys(dataset, info, 0, 1, seed=6)
+
+
+def test_resume_from_state_dict_continues_exactly(dataset: ProcessedDataset) -> None:
+    info = biggest(dataset)
+    first = dataset.stream(info.name, batch_size=2, rank=1, world_size=2, seed=3, shuffle_window=4)
+    for _ in range(3):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+    expected = [next(first) for _ in range(info.count)]  # crosses epoch boundaries
+    resumed = dataset.stream(info.name, batch_size=2, rank=1, world_size=2, seed=3, shuffle_window=4)
+    resumed.load_state_dict(state)
+    for want in expected:
+        got = next(resumed)
+        assert list(got["key"]) == list(want["key"])
+        np.testing.assert_array_equal(got["video"], want["video"])
+    other = dataset.stream(info.name, batch_size=2, rank=0, world_size=2, seed=3, shuffle_window=4)
+    with pytest.raises(ValueError, match="rank"):
+        other.load_state_dict(state)
+
+
+def test_iter_batches_is_one_finite_pass(dataset: ProcessedDataset) -> None:
+    info = biggest(dataset)
+    batches = list(dataset.iter_batches(info.name, batch_size=4, columns=["key", "image"]))
+    assert [len(b["key"]) for b in batches[:-1]] == [4] * (len(batches) - 1)
+    assert sum(len(b["key"]) for b in batches) == info.count
+    assert all(b["image"].shape[1:] == tuple(info.shape["image"]) for b in batches)
+
+
+def test_ray_dataset_and_raw_streaming_match_the_offline_rows(
+    dataset: ProcessedDataset, synth_shards: dict[str, Path], out_dir: Path
+) -> None:
+    info = biggest(dataset)
+    offline = {str(k): v for b in dataset.iter_batches(info.name, 64, ["key", "video"]) for k, v in zip(b["key"], b["video"])}
+    ray_batch = dataset.ray_dataset(info.name).take_batch(info.count, batch_format="numpy")
+    assert ray_batch["video"].shape == (info.count, *info.shape["video"])
+    assert set(map(str, ray_batch["key"])) == set(offline)
+
+    cfg = load_preprocess_config(None, str(synth_shards["test"]), str(out_dir))
+    raw = raw_bucket_dataset(cfg, info.name).take_all()
+    assert {row["key"] for row in raw} == set(offline)
+    for row in raw:
+        np.testing.assert_array_equal(row["video"], offline[row["key"]])

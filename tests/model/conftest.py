@@ -1,0 +1,12 @@
+"""Model tests use tiny tensors: one intra-op thread is faster than two and immune to a busy machine."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
