@@ -68,6 +68,11 @@ def ray_head(tmp_path: Path) -> Iterator[dict[str, str]]:
     # The job driver runs `python ...` from the head's PATH: make that this project's venv.
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
+    # `ray start` turns token auth on when ~/.ray/auth_token exists, but the job client only sends
+    # the token with RAY_AUTH_MODE=token: mirror the head's decision for every client we start.
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if "RAY_AUTH_MODE" not in env and token.is_file():
+        env["RAY_AUTH_MODE"] = "token"
     subprocess.run(
         [ray_bin, "start", "--head", f"--port={gcs_port}", f"--num-cpus={RAY_TEST_CPUS}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",

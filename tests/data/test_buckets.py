@@ -47,7 +47,7 @@ def test_image_bucket_prefers_largest_area_without_upscaling() -> None:
 def test_every_synth_size_gets_the_bucket_of_its_orientation() -> None:
     cfg = load_pipeline()
     for height, width in FRAME_SIZES:
-        _, bh, bw = buckets.pick_video_bucket(height, width, 2.0, cfg.video.buckets, cfg.video.fps)
+        _, bh, bw = buckets.pick_video_bucket(height, width, 2.0, cfg.video.buckets, cfg.video.fps or 8.0)
         assert (bh > bw) == (height > width) and (bh == bw) == (height == width)
 
 

@@ -141,6 +141,13 @@ def test_pyav_fallback_matches_decord_where_both_work() -> None:
     assert np.abs(via_decord.astype(int) - via_pyav.astype(int)).mean() < 4
 
 
+def test_pyav_repeats_the_last_frame_of_short_videos() -> None:
+    data = encode_video(64, 64, frames=3, fps=10)
+    clip = decode._decode_pyav(data, (5, 32, 32), 10.0, decode.probe_video(data))
+    indices = np.round((clip.reshape(5, -1).mean(axis=1) - 5) / 10).astype(int).tolist()
+    assert indices == [0, 1, 2, 2, 2]
+
+
 def test_video_errors() -> None:
     good = encode_video(64, 48)
     with pytest.raises(decode.CorruptVideo) as err:
@@ -209,6 +216,8 @@ def test_audio_errors() -> None:
         decode.decode_audio(b"\xff\xfb" + bytes(64), "mp3")
     with pytest.raises(decode.EmptyAudio, match="no audio track"):
         decode.decode_audio(encode_video(64, 48), "mp4")
+    with pytest.raises(decode.AbsurdDuration):
+        decode.decode_audio(wav_bytes(np.zeros((16000, 1), np.float32), 8000), "wav", LimitsConfig(max_duration_s=1.5))
     with pytest.raises(decode.NanAudio):
         decode.audio_features(np.array([0.1, np.inf], np.float32), 16000, AudioConfig(), 1.0)
 
@@ -281,6 +290,17 @@ def test_decode_sample_builds_a_contract_row(cfg, sample) -> None:
     assert out.bucket.startswith("v8x") and out.bucket.endswith("_t16")
 
 
+def test_decode_sample_takes_audio_from_the_video_track(cfg, sample) -> None:
+    with_track = {"__key__": "k", "mp4": encode_video(64, 64, frames=24, fps=12, audio_rate=16000), "json": sample["json"]}
+    audio_only = load_pipeline(None, ["modalities.audio_from_video=true", "modalities.enabled=[audio,text]",
+                                      "modalities.required=[audio]"])
+    out = decode.decode_sample(with_track, audio_only, build_tokenizer())
+    assert set(out.shapes) == {"audio_mel", "text_ids"} and out.shapes["audio_mel"] == [256, 128]  # 2 s clip
+    assert "video" not in out.row
+    with pytest.raises(decode.MissingModality, match="audio"):  # audio_from_video off, audio required
+        decode.decode_sample(with_track, cfg, build_tokenizer())
+
+
 def test_decode_sample_errors(cfg, sample) -> None:
     tokenizer = build_tokenizer()
     no_audio = {k: v for k, v in sample.items() if k not in ("wav", "flac")}
@@ -288,7 +308,7 @@ def test_decode_sample_errors(cfg, sample) -> None:
         decode.decode_sample(no_audio, cfg, tokenizer)
     assert err.value.kind == "missing_modality"
     from_video = load_pipeline(None, ["modalities.audio_from_video=true"])
-    with pytest.raises(decode.EmptyAudio, match="no audio track"):  # allowed, but this mp4 has no soundtrack
+    with pytest.raises(decode.MissingModality, match="audio"):  # allowed, but this mp4 has no soundtrack
         decode.decode_sample(no_audio, from_video, tokenizer)
     with pytest.raises(decode.UnsafeMemberName) as err:
         decode.decode_sample({**sample, "__key__": "../x"}, cfg, tokenizer)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from imp_platform.cli import app
 from imp_platform.data.buckets import tokens_per_sample
-from imp_platform.data.pipeline import load_preprocess_config, preprocess
+from imp_platform.data.pipeline import bucket_layouts, load_preprocess_config, preprocess
 from imp_platform.data.stream import ProcessedDataset
 
 
@@ -51,11 +51,13 @@ def test_manifest_counts_every_sample(manifest: dict, synth_shards: dict[str, Pa
 def test_buckets_are_uniform_and_readable(manifest: dict, out_dir: Path, synth_shards: dict[str, Path]) -> None:
     cfg = load_preprocess_config(None, str(synth_shards["train"]), str(out_dir))
     dataset = ProcessedDataset.open(str(out_dir))
+    layouts = bucket_layouts(cfg)  # what the streaming path expects of each bucket
     seen: list[str] = []
     for entry in manifest["buckets"]:
         files = sorted((out_dir / f"bucket={entry['name']}").glob("*.parquet"))
         assert files and sum(pq.read_metadata(f).num_rows for f in files) == entry["count"]
         assert entry["tokens_per_sample"] == tokens_per_sample(entry["shape"], cfg.patches)
+        assert {c: shape for c, (_, shape) in layouts[entry["name"]].items()} == entry["shape"]
         assert set(entry["shape"]) >= {"video", "image", "audio_mel", "text_ids", "text_mask"}
         for batch in dataset.iter_batches(entry["name"], batch_size=7):
             n = len(batch["key"])

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from imp_platform.cli import app
+from imp_platform.config import ConfigError
 from imp_platform.data.pipeline import load_preprocess_config
 from imp_platform.data.stream import BucketInfo, ProcessedDataset, raw_bucket_dataset
 
@@ -105,3 +106,9 @@ def test_ray_dataset_and_raw_streaming_match_the_offline_rows(
     assert {row["key"] for row in raw} == set(offline)
     for row in raw:
         np.testing.assert_array_equal(row["video"], offline[row["key"]])
+
+
+def test_raw_streaming_refuses_an_unknown_bucket(synth_shards: dict[str, Path], tmp_path: Path) -> None:
+    cfg = load_preprocess_config(None, str(synth_shards["test"]), str(tmp_path))
+    with pytest.raises(ConfigError, match="no bucket 'v1x2x3'"):
+        raw_bucket_dataset(cfg, "v1x2x3")

@@ -8,10 +8,8 @@ instead of the S3 bucket, and a few steps on small synthesized data (the manifes
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from infra_manifests import REPO, entrypoint_argv, of_kind, rendered
@@ -23,16 +21,6 @@ def _tiny(tmp_path) -> list[str]:
         f"run.storage_path={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
         "data.synth.train_samples=64", "data.synth.test_samples=32", "data.synth.shards=2", "eval.max_samples=32",
     ]
-
-
-def _client_env(head_env: dict[str, str]) -> dict[str, str]:
-    """`ray start` turns token auth on when ~/.ray/auth_token exists (and RAY_AUTH_MODE is unset), but
-    the job client only sends the token with RAY_AUTH_MODE=token: mirror the head's decision."""
-    env = dict(head_env)
-    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if "RAY_AUTH_MODE" not in env and token.is_file():
-        env["RAY_AUTH_MODE"] = "token"
-    return env
 
 
 def _submit(command: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -54,7 +42,7 @@ def test_pretrain_rayjob_entrypoint_runs_through_ray_job_submit(ray_head, tmp_pa
     # On the cluster runtimeEnvYAML's working_dir is the image's copy of the repo; here it is the repo.
     command = [ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
                "--", *argv, *overrides]
-    out = _submit(command, _client_env(ray_head["env"]))
+    out = _submit(command, ray_head["env"])
     log = (out.stdout + out.stderr)[-6000:]
     assert out.returncode == 0 and "succeeded" in out.stdout, log
     run_dir = tmp_path / "runs" / "infra-e2e"

@@ -141,3 +141,14 @@ def test_cli_model_info() -> None:
     result = CliRunner().invoke(app, ["model", "info", "--preset", "base", "--dense"])
     assert result.exit_code == 0, result.output
     assert "87.4M" in result.output and "base" in result.output
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "top_k"])
+def test_moe_model_trains_under_bfloat16_autocast(router: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(router))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.encode("video", torch.rand(2, 4, 32, 32, 3))
+        text = model.encode("text", torch.randint(0, 1024, (2, 5)), mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5]).bool())
+    (out.pooled.float().sum() + text.pooled.float().sum() + out.aux_loss).backward()
+    assert torch.isfinite(model.encoder.blocks[3].ffn.w1.grad).all()

@@ -161,3 +161,15 @@ def test_router_stays_float32_under_bfloat16_autocast() -> None:
     layer = make_layer("expert_choice")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer._logits(torch.randn(4, D)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "top_k"])
+def test_bfloat16_autocast_routes_like_float32(router: str) -> None:
+    layer = make_layer(router)
+    x = torch.randn(2, 8, D)
+    want, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, stats = layer(x)
+    (got.float().sum() + stats.aux_loss).backward()
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+    assert layer.w1.grad is not None and layer.router.grad.dtype == torch.float32

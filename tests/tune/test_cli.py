@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 from typer.testing import CliRunner
 
 from imp_platform.cli import app
@@ -14,16 +13,9 @@ from imp_platform.cli import app
 REPO = Path(__file__).resolve().parents[2]
 
 
-def bad_sweep(tmp_path: Path) -> Path:
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"base": str(REPO / "jobs/configs/pretrain.yaml"), "steps": 4,
-                                    "storage_path": str(tmp_path / "tune"),
-                                    "space": {"tasks.video_text.wieght": {"uniform": [0.1, 1.0]}}}))
-    return path
-
-
-def test_cli_rejects_an_unknown_path_naming_the_key(tmp_path):
-    result = CliRunner().invoke(app, ["tune", "--space", str(bad_sweep(tmp_path))])
+def test_cli_rejects_an_unknown_path_naming_the_key(make_sweep, tmp_path):
+    bad = make_sweep({"tasks.video_text.wieght": {"uniform": [0.1, 1.0]}})
+    result = CliRunner().invoke(app, ["tune", "--space", str(bad)])
     assert result.exit_code == 2
     assert "space.tasks.video_text.wieght" in result.output and "no key 'wieght'" in result.output
     assert not (tmp_path / "tune").exists()  # nothing started

@@ -5,25 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from imp_platform.config import ConfigError
 from imp_platform.config.tune import load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = REPO / "jobs" / "configs" / "pretrain.yaml"
 
 
-def write_sweep(tmp_path: Path, space: dict, **fields) -> Path:
-    doc = {"name": "t", "base": str(BASE), "steps": 4, "storage_path": str(tmp_path / "tune"), "space": space, **fields}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def load_error(tmp_path: Path, space: dict, **fields) -> str:
+def load_error(make_sweep, space: dict, **fields) -> str:
     with pytest.raises(ConfigError) as info:
-        load_sweep(write_sweep(tmp_path, space, **fields))
+        load_sweep(make_sweep(space, **fields))
     return str(info.value)
 
 
@@ -42,8 +33,8 @@ def test_example_sweep_loads_and_paths_are_absolute():
     ({"optim.lr.x": {"uniform": [0.1, 1]}}, ["space.optim.lr.x", "is a value"]),
     ({"optim": {"choice": [1]}}, ["space.optim", "whole section"]),
 ])
-def test_unknown_paths_name_the_key(tmp_path, space, expected):
-    message = load_error(tmp_path, space)
+def test_unknown_paths_name_the_key(make_sweep, space, expected):
+    message = load_error(make_sweep, space)
     for part in expected:
         assert part in message
 
@@ -58,34 +49,34 @@ def test_unknown_paths_name_the_key(tmp_path, space, expected):
     ({"loguniform": [0.0, 0.1]}, "loguniform needs low > 0"),
     ({"uniform": [-1.0, 1.0]}, "value -1.0 is not valid here"),  # lr must be > 0
 ])
-def test_bad_distributions_name_the_key(tmp_path, spec, expected):
-    message = load_error(tmp_path, {"optim.lr": spec})
+def test_bad_distributions_name_the_key(make_sweep, spec, expected):
+    message = load_error(make_sweep, {"optim.lr": spec})
     assert "optim.lr" in message and expected in message
 
 
-def test_values_are_checked_against_the_model_config(tmp_path):
-    message = load_error(tmp_path, {"model.moe.num_experts": {"uniform": [2, 8]}})
+def test_values_are_checked_against_the_model_config(make_sweep):
+    message = load_error(make_sweep, {"model.moe.num_experts": {"uniform": [2, 8]}})
     assert "space.model.moe.num_experts" in message and "integer" in message
-    message = load_error(tmp_path, {"model.moe.num_experts": {"choice": [4, -1]}})
+    message = load_error(make_sweep, {"model.moe.num_experts": {"choice": [4, -1]}})
     assert "space.model.moe.num_experts: value -1" in message
-    message = load_error(tmp_path, {"model.moe.num_experts": {"randint": [2, 2]}})
+    message = load_error(make_sweep, {"model.moe.num_experts": {"randint": [2, 2]}})
     assert "space.model.moe.num_experts" in message and "exclusive" in message
 
 
-def test_search_and_scheduler_must_fit_the_space(tmp_path):
-    message = load_error(tmp_path, {"optim.lr": {"grid": [1e-3, 1e-2]}}, search={"name": "optuna"})
+def test_search_and_scheduler_must_fit_the_space(make_sweep):
+    message = load_error(make_sweep, {"optim.lr": {"grid": [1e-3, 1e-2]}}, search={"name": "optuna"})
     assert "space.optim.lr" in message and "grid" in message
-    message = load_error(tmp_path, {"optim.lr": {"uniform": [1e-3, 1e-2]}}, scheduler={"name": "asha", "decay": 2})
+    message = load_error(make_sweep, {"optim.lr": {"uniform": [1e-3, 1e-2]}}, scheduler={"name": "asha", "decay": 2})
     assert "scheduler.asha.decay" in message and "unknown key" in message
 
 
-def test_space_converts_to_tune_domains(tmp_path):
+def test_space_converts_to_tune_domains(make_sweep):
     from ray import tune
     from ray.tune.search.sample import Categorical, Float, Integer
 
     from imp_platform.tune.space import param_space
 
-    sweep, _ = load_sweep(write_sweep(tmp_path, {
+    sweep, _ = load_sweep(make_sweep({
         "optim.lr": {"loguniform": [1e-4, 1e-2]},
         "tasks.video_text.weight": {"uniform": [0.5, 2.0]},
         "model.moe.num_experts": {"randint": [2, 9]},
@@ -103,11 +94,11 @@ def test_space_converts_to_tune_domains(tmp_path):
         assert 2 <= space["model.moe.num_experts"].sample() <= 8
 
 
-def test_trial_config_normalizes_weights_and_applies_budget(tmp_path):
+def test_trial_config_normalizes_weights_and_applies_budget(make_sweep):
     from imp_platform.train.tasks import resolve_model_config
     from imp_platform.tune.trial import trial_config
 
-    sweep, base = load_sweep(write_sweep(tmp_path, {"tasks.video_text.weight": {"uniform": [0.5, 4.0]},
+    sweep, base = load_sweep(make_sweep({"tasks.video_text.weight": {"uniform": [0.5, 4.0]},
                                                     "model.moe.num_experts": {"choice": [2, 8]}}))
     # Base rates: video_text interval 1 (rate 1), five tasks with interval 4 (rate 0.25 each).
     assert base.tasks["video_text"].interval == 1
@@ -127,10 +118,10 @@ def test_trial_config_normalizes_weights_and_applies_budget(tmp_path):
     assert cfg.run.storage_path == f"{sweep.experiment_path}-runs"
 
 
-def test_all_zero_weights_fail(tmp_path):
+def test_all_zero_weights_fail(make_sweep):
     from imp_platform.tune.trial import normalize_task_weights
 
-    sweep, base = load_sweep(write_sweep(tmp_path, {"tasks.video_text.weight": {"uniform": [0.0, 1.0]}}))
+    sweep, base = load_sweep(make_sweep({"tasks.video_text.weight": {"uniform": [0.0, 1.0]}}))
     zero = base.model_copy(update={"tasks": {n: t.model_copy(update={"weight": 0.0}) for n, t in base.tasks.items()}})
     with pytest.raises(ConfigError, match="every mixing weight is 0"):
         normalize_task_weights(zero, set(zero.tasks))

@@ -13,6 +13,18 @@ QuickOpt = Annotated[bool, typer.Option("--quick", help="Smaller sizes, for a fa
 OutOpt = Annotated[Path, typer.Option("--out", help="Where to write the JSON results.")]
 
 
+@app.command("data")
+def data(quick: QuickOpt = False, out: OutOpt = Path("runs/bench/data.json")) -> None:
+    """Ray Data preprocess vs a no-framework ceiling and DataLoader+webdataset; padding waste; peak RSS at 1x/10x."""
+    import json
+    import logging
+
+    from imp_platform.bench.data import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    typer.echo(json.dumps(run(quick, out), indent=2))
+
+
 @app.command("moe")
 def moe(quick: QuickOpt = False, out: OutOpt = Path("runs/bench/moe.json")) -> None:
     """MoE layer fwd+bwd (Expert Choice, top-k) vs a dense FFN of equal active FLOPs and a naive expert loop."""

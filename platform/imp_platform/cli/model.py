@@ -41,4 +41,4 @@ def info(
                     cfg.preset or name, str(cfg.d_model), str(cfg.depth), str(cfg.num_heads), str(cfg.mlp_dim),
                     experts, f"{counts['total'] / 1e6:.1f}M", f"{counts['per_token'] / 1e6:.1f}M",
                 )
-        Console().print(table)
+        Console(width=max(Console().width, 100)).print(table)

@@ -190,7 +190,6 @@ class LimitsConfig(StrictModel):
 
     max_side: int = Field(4096, gt=0)
     max_duration_s: float = Field(3600.0, gt=0)
-    max_member_bytes: int = Field(2 << 30, gt=0)
 
 
 class DecodeConfig(StrictModel):

@@ -142,6 +142,7 @@ class RunConfig(StrictModel):
     max_failures: int = Field(2, ge=-1)
     seed: int = 0
     tensorboard: bool = True
+    shuffle_batches: int = Field(2, ge=1)  # rows shuffled together per stream, in batches (memory vs mixing)
     worker_env: dict[str, str] = Field(default_factory=dict)  # env vars of the train workers (e.g. NCCL_*)
     ray_num_cpus: int | None = 4  # logical CPUs for a locally started Ray (more than cores, see REFERENCE)
 

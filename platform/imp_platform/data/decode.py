@@ -203,14 +203,6 @@ def sample_indices(num_frames: int, native_fps: float, count: int, fps: float | 
     return np.minimum(np.floor(start + step * np.arange(count)), num_frames - 1).astype(np.int64)
 
 
-def init_worker(num_threads: int = 1) -> None:
-    """Call once in each decode process (e.g. a Ray actor's ``__init__``): bound torch's intra-op threads,
-    since many single-threaded decoders per node beat a few that fight over cores."""
-    import torch
-
-    torch.set_num_threads(max(1, num_threads))
-
-
 def _decode_decord(data: bytes, size: tuple[int, int, int], fps: float | None, num_threads: int) -> np.ndarray:
     import decord
 
@@ -224,21 +216,30 @@ def _decode_decord(data: bytes, size: tuple[int, int, int], fps: float | None, n
 
 
 def _decode_pyav(data: bytes, size: tuple[int, int, int], fps: float | None, info: VideoInfo) -> np.ndarray:
-    """Sequential decode for containers decord rejects; keeps only the sampled frames."""
+    """Sequential decode for what decord rejects; only the sampled frames are converted and kept."""
     import av
 
     t, h, w = size
+    indices = sample_indices(info.num_frames, info.fps, t, fps).tolist() if info.num_frames > 0 else None
+    wanted = set(indices) if indices is not None else None
+    kept: dict[int, np.ndarray] = {}
     container = av.open(io.BytesIO(data), mode="r")
     try:
         stream = container.streams.video[0]
         stream.thread_count = 1
-        frames = [f.reformat(width=w, height=h, format="rgb24").to_ndarray() for f in container.decode(stream)]
+        for i, frame in enumerate(container.decode(stream)):
+            if wanted is None or i in wanted:
+                kept[i] = frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
+            if wanted is not None and i >= max(wanted):
+                break
     finally:
         container.close()
-    if not frames:
+    if not kept:
         raise CorruptVideo("no decodable frames")
-    idx = sample_indices(len(frames), info.fps, t, fps)
-    return np.stack([frames[i] for i in idx])
+    decoded = sorted(kept)  # the header may promise more frames than the stream holds: clamp to the last one
+    if indices is None:
+        indices = sample_indices(len(decoded), info.fps, t, fps).tolist()
+    return np.stack([kept[decoded[min(int(np.searchsorted(decoded, i)), len(decoded) - 1)]] for i in indices])
 
 
 def decode_video(
@@ -272,7 +273,12 @@ def decode_video(
 _SOUNDFILE_EXTS = {"wav", "flac", "ogg"}
 
 
-def _pyav_audio(data: bytes) -> tuple[np.ndarray, int]:
+def _check_duration(seconds: float, limits: LimitsConfig) -> None:
+    if seconds > limits.max_duration_s:
+        raise AbsurdDuration(f"audio of {seconds:.1f}s exceeds limits.max_duration_s={limits.max_duration_s}")
+
+
+def _pyav_audio(data: bytes, limits: LimitsConfig) -> tuple[np.ndarray, int]:
     import av
 
     try:
@@ -284,6 +290,8 @@ def _pyav_audio(data: bytes) -> tuple[np.ndarray, int]:
             raise EmptyAudio("no audio track")
         stream = container.streams.audio[0]
         rate = int(stream.rate or stream.codec_context.sample_rate or 0)
+        if container.duration is not None:
+            _check_duration(container.duration / 1e6, limits)
         resampler = av.AudioResampler(format="fltp")  # planar float, native layout and rate
         chunks = [
             out.to_ndarray()
@@ -299,8 +307,13 @@ def _pyav_audio(data: bytes) -> tuple[np.ndarray, int]:
     return np.concatenate(chunks, axis=1).T, rate
 
 
-def decode_audio(data: bytes, ext: str) -> tuple[np.ndarray, int]:
-    """Audio bytes (or a video with an audio track) -> mono float32 [S] at the native rate, and that rate."""
+def decode_audio(data: bytes, ext: str, limits: LimitsConfig | None = None) -> tuple[np.ndarray, int]:
+    """Audio bytes (or a video with an audio track) -> mono float32 [S] at the native rate, and that rate.
+
+    wav/flac/ogg go through soundfile, everything else (mp3, m4a, a video's soundtrack) through PyAV;
+    the header's duration is checked against ``limits`` before samples are decoded.
+    """
+    limits = limits or LimitsConfig()
     ext = ext.lower().lstrip(".")
     if not data:
         raise EmptyAudio("zero-length audio member")
@@ -308,11 +321,14 @@ def decode_audio(data: bytes, ext: str) -> tuple[np.ndarray, int]:
         import soundfile
 
         try:
-            wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+            with soundfile.SoundFile(io.BytesIO(data)) as sound:
+                rate = sound.samplerate
+                _check_duration(sound.frames / max(rate, 1), limits)
+                wave = sound.read(dtype="float32", always_2d=True)
         except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
             raise CorruptAudio(f"cannot read {ext} ({exc})") from None
     else:
-        wave, rate = _pyav_audio(data)
+        wave, rate = _pyav_audio(data, limits)
     mono = np.asarray(wave, dtype=np.float32).mean(axis=1)
     if mono.size == 0:
         raise EmptyAudio("audio has no samples")
@@ -473,7 +489,8 @@ def split_members(sample: Mapping[str, Any], cfg: PipelineConfig) -> dict[str, t
             continue
         check_member_name(name)
         modality = cfg.modalities.modality_of(name.rsplit(".", 1)[-1])
-        if modality is None or modality not in cfg.modalities.enabled:
+        wanted = modality in cfg.modalities.enabled or (modality == "video" and cfg.modalities.audio_from_video)
+        if modality is None or not wanted:
             continue
         ext = name.rsplit(".", 1)[-1].lower()
         order = cfg.modalities.extensions[modality]
@@ -489,23 +506,23 @@ def decode_sample(sample: Mapping[str, Any], cfg: PipelineConfig, tokenizer: Any
     key = str(sample.get("__key__", ""))
     check_member_name(key)
     members = split_members(sample, cfg)
-    has_audio_source = "audio" in members or (cfg.modalities.audio_from_video and "video" in members)
-    missing = [m for m in cfg.modalities.required if m not in members and not (m == "audio" and has_audio_source)]
+    info = probe_video(members["video"][1], cfg.limits) if "video" in members else None
+    audio_from_video = "audio" not in members and info is not None and info.has_audio and cfg.modalities.audio_from_video
+    missing = [m for m in cfg.modalities.required if m not in members and not (m == "audio" and audio_from_video)]
     if missing:
         raise MissingModality(f"sample {key!r} has no {', '.join(missing)} member (has {sorted(members)})")
 
     row: dict[str, Any] = {"key": key, "label": -1, "direction": -1, "caption": ""}
     shapes: dict[str, list[int]] = {}
     policy = cfg.bucket_policy.duration
-    if "video" in members:
+    if info is not None and "video" in cfg.modalities.enabled:
         data = members["video"][1]
-        info = probe_video(data, cfg.limits)
         size = buckets.pick_video_bucket(info.height, info.width, info.duration_s, cfg.video.buckets,
                                          cfg.video.fps or info.fps or 1.0, policy)
         row["video"] = decode_video(data, size, cfg.video.fps, info=info, num_threads=cfg.decode.num_threads)
-    if "audio" in cfg.modalities.enabled and has_audio_source:
+    if "audio" in cfg.modalities.enabled and ("audio" in members or audio_from_video):
         ext, data = members.get("audio") or members["video"]
-        wave, rate = decode_audio(data, ext)
+        wave, rate = decode_audio(data, ext, cfg.limits)
         duration = wave.size / rate
         clip = cfg.audio.clip_seconds[buckets.pick_duration(duration, cfg.audio.clip_seconds, policy)]
         row.update(audio_features(wave, rate, cfg.audio, clip))

@@ -35,6 +35,8 @@ SCALAR_COLUMNS = ("key", "bucket", "skip_kind", "label", "direction", "caption",
 # Logical CPUs per read / write task: the decode actors (1 CPU each) do the heavy work.
 IO_TASK_CPUS = 0.25
 BUCKET_DIR = "bucket={}"
+# Rows per parquet row group (and the least rows per write task): the unit the stream reshuffles.
+ROW_GROUP_ROWS = 128
 
 
 def safe_member_name(name: str) -> str:
@@ -126,7 +128,44 @@ def _pack(results: list[DecodedSample | Skipped]) -> dict[str, np.ndarray]:
     return packed
 
 
-def stack_rows(rows: list[DecodedSample], with_caption: bool) -> dict[str, np.ndarray]:
+def bucket_layouts(cfg: PipelineConfig) -> dict[str, dict[str, tuple[str, list[int]]]]:
+    """Every bucket the config can produce: name -> {tensor column: (dtype, shape)}.
+
+    Lets the streaming path refuse an unknown bucket at once and emit correctly shaped
+    empty batches; optional modalities may be absent, which makes a bucket of its own.
+    """
+    import itertools
+
+    from imp_platform.data.buckets import bucket_name
+
+    enabled, required = cfg.modalities.enabled, cfg.modalities.required
+    choices: list[list[dict[str, tuple[str, list[int]]]]] = []
+    if "video" in enabled and cfg.video:
+        choices.append([{"video": ("uint8", [t, h, w, 3])} for t, h, w in cfg.video.buckets])
+    if "image" in enabled and cfg.image:
+        choices.append([{"image": ("uint8", [h, w, 3])} for h, w in cfg.image.buckets])
+    if "audio" in enabled:
+        audio = cfg.audio
+        choices.append([
+            {"audio_mel": ("float32", [audio.mel_frames(s), audio.n_mels]),
+             **({"audio_wave": ("float32", [audio.clip_samples(s)])} if audio.waveform else {})}
+            for s in audio.clip_seconds
+        ])
+    if "text" in enabled:
+        choices.append([{"text_ids": ("int32", [n]), "text_mask": ("bool", [n])} for n in cfg.text.length_buckets])
+    modality_of = {"video": "video", "image": "image", "audio_mel": "audio", "text_ids": "text"}
+    for options in choices:
+        if modality_of[next(c for c in options[0] if c in modality_of)] not in required:
+            options.append({})
+    layouts: dict[str, dict[str, tuple[str, list[int]]]] = {}
+    for combo in itertools.product(*choices):
+        layout = {c: spec for part in combo for c, spec in part.items()}
+        if layout:
+            layouts[bucket_name({c: shape for c, (_, shape) in layout.items() if c != "text_mask"})] = layout
+    return layouts
+
+
+def stack_rows(rows: list[DecodedSample], layout: dict[str, tuple[str, list[int]]], with_caption: bool) -> dict[str, np.ndarray]:
     """Rows of one bucket as uniform columns (the processed-row layout of the data contract)."""
     batch: dict[str, np.ndarray] = {
         "key": np.array([r.key for r in rows], dtype=object),
@@ -135,8 +174,8 @@ def stack_rows(rows: list[DecodedSample], with_caption: bool) -> dict[str, np.nd
     }
     if with_caption:
         batch["caption"] = np.array([r.row["caption"] for r in rows], dtype=object)
-    for column in _arrays(rows[0]) if rows else ():
-        batch[column] = np.stack([r.row[column] for r in rows])
+    for column, (dtype, shape) in layout.items():
+        batch[column] = np.stack([r.row[column] for r in rows]) if rows else np.zeros((0, *shape), dtype=dtype)
     return batch
 
 
@@ -152,6 +191,7 @@ class DecodeBatches:
 
         torch.set_num_threads(max(1, cfg.decode.num_threads))  # one process per core, not cores^2 threads
         self.cfg, self.keep_bucket = cfg, keep_bucket
+        self.layout = bucket_layouts(cfg)[keep_bucket] if keep_bucket else {}
         self.tokenizer = load_tokenizer(tokenizer_json) if tokenizer_json else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -162,7 +202,7 @@ class DecodeBatches:
             if isinstance(r, Skipped):
                 log.warning("skipped %s: %s (%s)", r.key, r.kind, r.detail)
         kept = [r for r in results if isinstance(r, DecodedSample) and r.bucket == self.keep_bucket]
-        return stack_rows(kept, with_caption="text" in self.cfg.modalities.enabled)
+        return stack_rows(kept, self.layout, with_caption="text" in self.cfg.modalities.enabled)
 
 
 def _bucket_table(rows: Any, layout: dict[str, list[Any]], with_caption: bool) -> Any:
@@ -211,14 +251,34 @@ def _make_sink(root: str, storage_options: dict[str, Any], with_caption: bool) -
         def get_name(self) -> str:
             return "WriteBuckets"
 
+        @property
+        def min_rows_per_write(self) -> int:
+            return ROW_GROUP_ROWS
+
         def write(self, blocks: Iterable[Any], ctx: Any) -> manifest_io.TaskReport:
+            import pyarrow as pa
             import pyarrow.compute as pc
             import pyarrow.parquet as pq
             from ray.data.block import BlockAccessor
 
             fs, base = filesystem(root, storage_options)
             report = manifest_io.TaskReport()
-            writers: dict[str, tuple[Any, Any, str]] = {}
+            writers: dict[str, tuple[Any, Any]] = {}
+            pending: dict[str, list[Any]] = {}
+
+            def flush(bucket: str) -> None:
+                """Write a bucket's buffered rows as one row group (one file per bucket and task)."""
+                table = pa.concat_tables(pending.pop(bucket))
+                part = report.buckets[bucket]
+                if bucket not in writers:
+                    rel = f"{BUCKET_DIR.format(bucket)}/part-{self.run}-{ctx.task_idx:05d}.parquet"
+                    fs.makedirs(join(base, BUCKET_DIR.format(bucket)), exist_ok=True)
+                    handle = fs.open(join(base, rel), "wb")
+                    writers[bucket] = (pq.ParquetWriter(handle, table.schema), handle)
+                    part.files.append({"path": rel, "row_groups": []})
+                writers[bucket][0].write_table(table, row_group_size=table.num_rows)
+                part.files[-1]["row_groups"].append(table.num_rows)
+
             try:
                 for block in blocks:
                     table = BlockAccessor.for_block(block).to_arrow()
@@ -231,18 +291,15 @@ def _make_sink(root: str, storage_options: dict[str, Any], with_caption: bool) -
                         layout = json.loads(rows.column("layout")[0].as_py())
                         out = _bucket_table(rows, layout, with_caption)
                         part = report.buckets.setdefault(bucket, manifest_io.BucketPart(columns=_column_spec(out, layout)))
-                        if bucket not in writers:
-                            rel = f"{BUCKET_DIR.format(bucket)}/part-{self.run}-{ctx.task_idx:05d}.parquet"
-                            fs.makedirs(join(base, BUCKET_DIR.format(bucket)), exist_ok=True)
-                            handle = fs.open(join(base, rel), "wb")
-                            writers[bucket] = (pq.ParquetWriter(handle, out.schema), handle, rel)
-                            part.files.append({"path": rel, "row_groups": []})
-                        writers[bucket][0].write_table(out, row_group_size=out.num_rows)
-                        part.files[-1]["row_groups"].append(out.num_rows)
                         part.count += out.num_rows
                         report.read += out.num_rows
+                        pending.setdefault(bucket, []).append(out)
+                        if sum(t.num_rows for t in pending[bucket]) >= ROW_GROUP_ROWS:
+                            flush(bucket)
+                for bucket in list(pending):
+                    flush(bucket)
             finally:
-                for writer, handle, _ in writers.values():
+                for writer, handle in writers.values():
                     writer.close()
                     handle.close()
             return report
@@ -288,6 +345,8 @@ def decoded_dataset(cfg: PipelineConfig, keep_bucket: str | None = None) -> tupl
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    if keep_bucket is not None and keep_bucket not in bucket_layouts(cfg):
+        raise ConfigError(f"no bucket {keep_bucket!r} in pipeline {cfg.name}; it has {sorted(bucket_layouts(cfg))}")
     listing = list_shards(cfg.source.paths, cfg.source.storage_options)
     fs, paths = _one_filesystem(listing.shards, cfg.source.storage_options)
     ds = ray.data.read_webdataset(

@@ -212,20 +212,24 @@ class BucketStream:
             self._plans[epoch] = windows
         return self._plans[epoch]
 
-    def _load(self, epoch: int, index: int) -> Batch:
-        window = self._plan(epoch)[index]
+    def _load(self, window: _Window, epoch: int, index: int) -> Batch:
+        """Read a window's segments (in the prefetch thread) and shuffle its rows, seeded."""
         parts = [self.reader.read(unit, a, b) for unit, a, b in window.segments]
         order = np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(window.rows)
         return _take(_concat(parts), order)
 
     def _window(self, epoch: int, index: int) -> Batch:
-        """The shuffled rows of one window, kept while in use; the next one loads meanwhile."""
+        """The shuffled rows of one window, kept while in use; the next one loads meanwhile.
+
+        Plans are made here, on the caller's thread; the pool thread only reads parquet.
+        """
         key = (epoch, index)
         if self._current is None or self._current[0] != key:
-            future = self._next.pop(key, None) or self._pool.submit(self._load, epoch, index)
+            future = self._next.pop(key, None) or self._pool.submit(self._load, self._plan(epoch)[index], epoch, index)
             self._current = (key, future.result())
             following = (epoch, index + 1) if index + 1 < len(self._plan(epoch)) else (epoch + 1, 0)
-            self._next = {following: self._pool.submit(self._load, *following)}
+            window = self._plan(following[0])[following[1]]
+            self._next = {following: self._pool.submit(self._load, window, *following)}
         return self._current[1]
 
     # -- iteration ----------------------------------------------------------------------

@@ -37,11 +37,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _one_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """xformers is not autocast-aware: QK-LayerNorm under autocast hands it fp32 q/k next to a bf16 v."""
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v.dtype
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: Sequence[int], backend: str = "auto"
 ) -> torch.Tensor:
     """Attention over packed sequences ``[sum(L), H, D]``; tokens attend within their own sequence."""
     backend = resolve_backend(backend, q.device)
+    q, k, v = _one_dtype(q, k, v)
     if backend == "xformers":
         from xformers.ops import fmha
 
@@ -71,6 +79,7 @@ def attention(
     (ignored) values on SDPA; callers must not read them.
     """
     backend = resolve_backend(backend, q.device)
+    q, k, v = _one_dtype(q, k, v)
     if backend == "xformers":
         from xformers.ops import fmha
 

@@ -81,6 +81,9 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     """
     if x.shape[0] == 0:
         return x.new_zeros(0, w.shape[-1])
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    x, w = x.to(dtype), w.to(dtype)
     if x.device.type == "cpu" or x.dtype == torch.bfloat16:
         offs = torch.cumsum(counts, dim=0).to(torch.int32)
         return _ContiguousGrad.apply(F.grouped_mm(x, w, offs=offs))
@@ -121,7 +124,7 @@ class MoEFFN(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return x.float() @ self.router
+            return x.float() @ self.router.float()
 
     def _experts_bmm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.bmm(F.gelu(torch.bmm(x, self.w1)), self.w2)
@@ -187,7 +190,7 @@ class MoEFFN(nn.Module):
             hits = torch.zeros(groups * size, device=x.device).index_add_(0, token_idx, picked.view(-1).float())
             coverage = (hits[valid] > 0).float().mean() if n_real else hits.new_zeros(())
         if not n_real:
-            return y, self._empty_stats(x, load, coverage)
+            return y, self._empty_stats(load, coverage)
         real_logits, real_probs = (logits, probs) if all_valid else (logits[valid], probs[valid])
         return y, self._stats(self._aux(real_logits, real_probs, None), load, coverage)
 
@@ -199,7 +202,7 @@ class MoEFFN(nn.Module):
         xs = x if rows is None else x[rows]
         if xs.shape[0] == 0:
             load = x.new_zeros(experts, dtype=torch.float32)
-            return torch.zeros_like(x), self._empty_stats(x, load, load.new_zeros(()))
+            return torch.zeros_like(x), self._empty_stats(load, load.new_zeros(()))
 
         logits = self._logits(xs)
         probs = torch.softmax(logits, dim=-1)
@@ -219,7 +222,7 @@ class MoEFFN(nn.Module):
         weighted = self._aux(logits, probs, expert_ids)
         return y, self._stats(weighted, load, torch.ones((), device=x.device))
 
-    def _empty_stats(self, x: torch.Tensor, load: torch.Tensor, coverage: torch.Tensor) -> MoEStats:
+    def _empty_stats(self, load: torch.Tensor, coverage: torch.Tensor) -> MoEStats:
         # Keep the router in the graph so DDP sees a gradient (zero) for it.
         zero = (self.router.sum() * 0.0).to(torch.float32)
         return MoEStats(aux_loss=zero, load=load.detach(), coverage=coverage.detach())

@@ -97,7 +97,8 @@ class Streams:
             task = self.cfg.tasks[choice.task]
             stream = self.datasets[task.split].stream(
                 choice.bucket, self.plans[choice.task][choice.bucket].batch_size, task_columns(task),
-                self.rank, self.world_size, stream_seed(self.cfg.run.seed, choice.task, choice.bucket))
+                self.rank, self.world_size, stream_seed(self.cfg.run.seed, choice.task, choice.bucket),
+                shuffle_window=self.cfg.run.shuffle_batches * self.plans[choice.task][choice.bucket].batch_size)
             if key in self._pending:
                 stream.load_state_dict(self._pending.pop(key))
             self._streams[key] = stream

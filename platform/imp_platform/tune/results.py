@@ -149,6 +149,8 @@ def _plot(rows: list[TrialRow], sweep: SweepConfig, best: TrialRow | None, path:
             ax.scatter([x_of(best)], [best.metric], s=160, facecolors="none", edgecolors="red", label="best")
         if categorical:
             ax.set_xticks(range(len(labels)), labels)
+        elif isinstance(dist, (Choice, Grid)):
+            ax.set_xticks(sorted(set(dist.values)))
         elif isinstance(dist, LogUniform):
             ax.set_xscale("log")
         ax.set_xlabel(key)

@@ -42,8 +42,10 @@ def build_scheduler(sweep: SweepConfig, base: PretrainConfig) -> Any:
                                      grace_period=spec.grace_period, reduction_factor=spec.reduction_factor,
                                      brackets=spec.brackets, stop_last_trials=False)
     if isinstance(spec, PbtScheduler):
-        log.warning("pbt: trials report metrics but no Tune checkpoints (TuneReportCallback), so PBT "
-                    "re-samples configs without cloning weights; prefer asha for mixing sweeps")
+        # TuneReportCallback forwards metrics only (Train keeps the checkpoints), so PBT finds no
+        # Tune checkpoint to clone and skips its exploit steps: trials run to the end as under fifo.
+        log.warning("pbt: Train V2 trials hand Tune metrics but no checkpoints, so PBT cannot exploit "
+                    "(it logs 'no checkpoint ... skip exploit'); prefer asha")
         return tune.create_scheduler("pbt", time_attr="training_iteration",
                                      perturbation_interval=spec.perturbation_interval,
                                      hyperparam_mutations=param_space(sweep),

@@ -1,0 +1,297 @@
+"""``platform bench data``: our Ray Data preprocess against its baselines, measured in one run.
+
+(a) ceiling: the same decode functions (decord video, soundfile/torchaudio audio, tokenizers,
+PIL) called straight from tar files, one process per core, no framework; (b) what users pick
+instead: torch DataLoader + webdataset with the same decode step and the same number of
+workers; (c) our pipeline: read_webdataset -> decode actors -> bucketed parquet + manifest
+(it also writes its output, the others only decode). Also the padding waste of bucketed
+batches vs native shapes padded to the batch maximum, and the peak RSS of the driver plus
+every Ray process at 1x and 10x the input (10x = the same shards listed ten times).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from imp_platform.bench.common import write_results
+from imp_platform.config.pipeline import PipelineConfig
+from imp_platform.data import buckets, decode
+from imp_platform.data.pipeline import decode_or_skip, load_preprocess_config, preprocess, resolve_tokenizer
+
+log = logging.getLogger(__name__)
+
+PAD_BATCH = 16  # batch size used for both padding-waste figures
+MEMORY_SCALE = 10
+
+
+def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of a webdataset shard, grouped as read_webdataset groups them."""
+    key, members = None, {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base, _, ext = info.name.partition(".")
+            if base != key and members:
+                yield key, members
+                members = {}
+            key = base
+            members[ext] = tar.extractfile(info).read()
+    if members:
+        yield key, members
+
+
+# ------------------------------------------------------------------ (a) no-framework ceiling
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(cfg: PipelineConfig, tokenizer_json: str | None) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _worker["cfg"], _worker["tok"] = cfg, decode.load_tokenizer(tokenizer_json) if tokenizer_json else None
+
+
+def _decode_shard(path: str) -> int:
+    count = 0
+    for key, members in _tar_samples(path):
+        decode_or_skip(key, members, _worker["cfg"], _worker["tok"])
+        count += 1
+    return count
+
+
+def _video_only_shard(path: str) -> int:
+    """Only the video members (header probe + decord resize-at-decode of the sampled frames)."""
+    cfg = _worker["cfg"]
+    count = 0
+    for _, members in _tar_samples(path):
+        if "mp4" in members:
+            decode.decode_video(members["mp4"], cfg.video.buckets[0], cfg.video.fps, limits=cfg.limits)
+            count += 1
+    return count
+
+
+def ceiling(cfg: PipelineConfig, shards: list[str], workers: int, fn: Any = _decode_shard) -> tuple[float, int]:
+    """Samples/s of ``fn`` over the shards in a plain process pool (one process per core)."""
+    tokenizer = resolve_tokenizer(cfg, shards)
+    start = time.perf_counter()
+    with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg, tokenizer)) as pool:
+        count = sum(pool.imap_unordered(fn, shards))
+    return count / (time.perf_counter() - start), count
+
+
+# ------------------------------------------------------------------ (b) DataLoader + webdataset
+
+
+class _WdsDecode:
+    """Picklable map function for webdataset: the same decode step as the Ray actors."""
+
+    def __init__(self, cfg: PipelineConfig, tokenizer_json: str | None) -> None:
+        self.cfg, self.tokenizer_json = cfg, tokenizer_json
+
+    def __call__(self, sample: dict[str, Any]) -> int:
+        tok = decode.load_tokenizer(self.tokenizer_json) if self.tokenizer_json else None
+        members = {k: v for k, v in sample.items() if not k.startswith("__") and isinstance(v, bytes)}
+        decode_or_skip(sample["__key__"], members, self.cfg, tok)
+        return 1
+
+
+def _torch_worker_init(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def dataloader(cfg: PipelineConfig, shards: list[str], workers: int) -> tuple[float, int]:
+    """Samples/s of torch DataLoader(num_workers) over webdataset with the same decode step."""
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+
+    tokenizer = resolve_tokenizer(cfg, shards)
+    dataset = wds.WebDataset(shards, shardshuffle=False, empty_check=False).map(_WdsDecode(cfg, tokenizer))
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=_torch_worker_init)
+    start = time.perf_counter()
+    count = sum(1 for _ in loader)
+    return count / (time.perf_counter() - start), count
+
+
+# ------------------------------------------------------------------ (c) ours, with memory
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and all its descendants (raylet, Ray workers) in a thread."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> float:
+        root = psutil.Process()
+        total = 0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        return total / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._sample())
+
+
+def ours(cfg: PipelineConfig) -> tuple[float, int, float, float, dict[str, Any]]:
+    """Samples/s, samples, idle and peak RSS (MB) and the manifest of one preprocess run."""
+    idle = PeakRSS()._sample()
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        manifest = preprocess(cfg)
+        seconds = time.perf_counter() - start
+    return manifest["total_read"] / seconds, manifest["total_read"], idle, rss.peak_mb, manifest
+
+
+# ------------------------------------------------------------------ padding waste
+
+
+def _native_tokens(key: str, members: dict[str, bytes], cfg: PipelineConfig, tokenizer: Any) -> int:
+    """Tokens of one sample at its native shapes (the same clip length in frames, native H x W and duration)."""
+    found = decode.split_members({"__key__": key, **members}, cfg)
+    patches = cfg.patches
+    total = 0
+    if "video" in found:
+        info = decode.probe_video(found["video"][1], cfg.limits)
+        total += buckets.modality_tokens("video", (cfg.video.num_frames, info.height, info.width), patches)
+    if "audio" in found:
+        wave, rate = decode.decode_audio(found["audio"][1], found["audio"][0], cfg.limits)
+        frames = int(wave.size / rate * cfg.audio.sample_rate) // cfg.audio.hop_length
+        total += buckets.modality_tokens("audio_mel", (frames, cfg.audio.n_mels), patches)
+    if "image" in found:
+        height, width = decode.probe_image(found["image"][1], cfg.limits)
+        total += buckets.modality_tokens("image", (height, width), patches)
+    if "text" in found:
+        caption, _ = decode.decode_text(found["text"][1], found["text"][0], cfg.text.caption_key)
+        total += min(len(tokenizer.encode(caption).ids), cfg.text.max_tokens)
+    return total
+
+
+def padding_waste(cfg: PipelineConfig, shards: list[str], output: str) -> dict[str, float]:
+    """Padded / all tokens: bucketed batches (stored tensors, text padding included) vs native shapes padded to max."""
+    from imp_platform.data.stream import ProcessedDataset
+
+    tokenizer = decode.load_tokenizer(resolve_tokenizer(cfg, shards))
+    native = [_native_tokens(k, m, cfg, tokenizer) for shard in shards for k, m in _tar_samples(shard)]
+    padded = total = 0
+    dataset = ProcessedDataset.open(output)
+    for info in dataset.buckets:
+        for batch in dataset.iter_batches(info.name, PAD_BATCH, ["text_mask"] if "text_mask" in info.columns else ["key"]):
+            n = len(next(iter(batch.values())))
+            total += n * info.tokens_per_sample
+            if "text_mask" in batch:
+                padded += int((~batch["text_mask"]).sum())  # the only padding: text up to its length bucket
+    return {
+        "padding_waste_bucketed": padded / total if total else 0.0,
+        "padding_waste_pad_to_max": buckets.padding_waste_pad_to_max(native, PAD_BATCH),
+        "padding_batch_size": PAD_BATCH,
+    }
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _input(root: Path, quick: bool) -> list[str]:
+    from imp_platform.data.synth import write_dataset
+
+    samples, shards = (32, 2) if quick else (128, 4)
+    summary = write_dataset(root, samples=samples, shards=shards, seed=0, split="train")
+    return [str(p) for p in summary.shards]
+
+
+def _replicate(shards: list[str], folder: Path, times: int) -> None:
+    """``times`` x the input without re-encoding: hard links to the same shards under new names."""
+    folder.mkdir(parents=True)
+    for i in range(times):
+        for shard in shards:
+            os.link(shard, folder / f"copy{i:02d}-{Path(shard).name}")
+
+
+def run(quick: bool, out: Path) -> dict[str, Any]:
+    """Measure (a), (b), (c), padding waste and peak RSS at 1x/10x; write and return the JSON."""
+    import ray
+
+    workers = os.cpu_count() or 1
+    work = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    try:
+        shards = _input(work / "raw", quick)
+        cfg = load_preprocess_config(None, str(work / "raw" / "train"), str(work / "out-1x"),
+                                     [f"decode.num_actors={workers}"])
+        # Import the decoders here once so forked baseline workers start warm (Ray actors import their own).
+        key, members = next(_tar_samples(shards[0]))
+        decode_or_skip(key, members, cfg, decode.load_tokenizer(resolve_tokenizer(cfg, shards)))
+        # The baselines fork worker processes: run them before Ray starts its threads here.
+        a_rate, a_n = ceiling(cfg, shards, workers)
+        log.info("(a) ceiling: %.2f samples/s (%d)", a_rate, a_n)
+        v_rate, _ = ceiling(cfg, shards, workers, _video_only_shard)
+        b_rate, b_n = dataloader(cfg, shards, workers)
+        log.info("(b) DataLoader+webdataset: %.2f samples/s (%d)", b_rate, b_n)
+        if not ray.is_initialized():
+            ray.init(num_cpus=workers + 2, include_dashboard=False, log_to_driver=False)
+        c_rate, c_n, idle_1x, rss_1x, manifest = ours(cfg)
+        log.info("(c) ours: %.2f samples/s (%d), peak RSS %.0f MB", c_rate, c_n, rss_1x)
+
+        _replicate(shards, work / "raw10" / "train", MEMORY_SCALE)
+        shutil.copy(work / "raw" / "tokenizer.json", work / "raw10" / "tokenizer.json")
+        cfg10 = load_preprocess_config(None, str(work / "raw10" / "train"), str(work / "out-10x"),
+                                       [f"decode.num_actors={workers}"])
+        c10_rate, c10_n, idle_10x, rss_10x, _ = ours(cfg10)
+        log.info("(c) ours at %dx: %.2f samples/s (%d), peak RSS %.0f MB", MEMORY_SCALE, c10_rate, c10_n, rss_10x)
+
+        result = {
+            "quick": quick,
+            "cores": workers,
+            "samples": c_n,
+            "samples_per_s": {
+                "a_ceiling_same_decode": round(a_rate, 3),
+                "a_ceiling_decord_video_only": round(v_rate, 3),
+                "b_dataloader_webdataset": round(b_rate, 3),
+                "c_ray_data_pipeline": round(c_rate, 3),
+                "c_ray_data_pipeline_10x": round(c10_rate, 3),
+            },
+            "ratio_vs_dataloader": round(c_rate / b_rate, 3),
+            "ratio_vs_ceiling": round(c_rate / a_rate, 3),
+            "ratio_vs_ceiling_video_only": round(c_rate / v_rate, 3),
+            **padding_waste(cfg, shards, cfg.output.path),
+            "peak_rss_mb": {"1x": round(rss_1x, 1), f"{MEMORY_SCALE}x": round(rss_10x, 1)},
+            "peak_rss_growth": round(rss_10x / rss_1x, 3),
+            # the same peaks minus the idle Ray processes measured just before each run
+            "peak_rss_over_idle_mb": {"1x": round(rss_1x - idle_1x, 1), f"{MEMORY_SCALE}x": round(rss_10x - idle_10x, 1)},
+            "buckets": {b["name"]: b["count"] for b in manifest["buckets"]},
+            "skipped": manifest["skipped"],
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return write_results(out, "data", result)
