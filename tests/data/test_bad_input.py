@@ -85,7 +85,7 @@ def test_every_planted_fault_is_skipped_and_counted(
     good, expected = build_corpus(tmp_path, source)
     (tmp_path / "tokenizer.json").write_bytes((synth_shards["root"] / "tokenizer.json").read_bytes())
 
-    manifest = preprocess(load_preprocess_config(None, str(tmp_path / "src"), str(tmp_path / "out")))
+    manifest = preprocess(load_preprocess_config(None, str(tmp_path / "src"), str(tmp_path / "out"), ["decode.num_actors=1"]))
 
     examples = manifest["skipped_examples"]
     for key, kind in expected.items():

@@ -21,7 +21,7 @@ def test_preprocess_reads_and_writes_s3(ray_local: None, s3_server: dict, synth_
         samples = len({name.split(".", 1)[0] for name in tar.getnames()})
     fs.put(str(synth_shards["root"] / "tokenizer.json"), f"{bucket}/raw/tokenizer.json")
 
-    cfg = load_preprocess_config(None, f"s3://{bucket}/raw/test", f"s3://{bucket}/processed/test")
+    cfg = load_preprocess_config(None, f"s3://{bucket}/raw/test", f"s3://{bucket}/processed/test", ["decode.num_actors=1"])
     cfg.source.storage_options = options
     cfg.output.storage_options = options
     manifest = preprocess(cfg)

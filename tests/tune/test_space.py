@@ -99,14 +99,14 @@ def test_trial_config_normalizes_weights_and_applies_budget(make_sweep):
     from imp_platform.tune.trial import trial_config
 
     sweep, base = load_sweep(make_sweep({"tasks.video_text.weight": {"uniform": [0.5, 4.0]},
-                                                    "model.moe.num_experts": {"choice": [2, 8]}}))
-    # Base rates: video_text interval 1 (rate 1), five tasks with interval 4 (rate 0.25 each).
-    assert base.tasks["video_text"].interval == 1
+                                         "model.moe.num_experts": {"choice": [2, 8]}}))
+    # Unswept tasks keep their base rate (1/interval when set, else weight); the swept one uses 2.5.
+    assert base.tasks["video_text"].interval is not None
+    rates = {name: 2.5 if name == "video_text" else task.rate for name, task in base.tasks.items()}
     cfg = trial_config(base, {"tasks.video_text.weight": 2.5, "model.moe.num_experts": 8}, sweep, "trial-x")
     weights = {name: task.weight for name, task in cfg.tasks.items()}
     assert sum(weights.values()) == pytest.approx(1.0)
-    assert weights["video_text"] == pytest.approx(2.5 / (2.5 + 5 * 0.25))
-    assert weights["audio_text"] == pytest.approx(0.25 / (2.5 + 5 * 0.25))
+    assert weights == pytest.approx({name: rate / sum(rates.values()) for name, rate in rates.items()})
     assert all(task.interval is None for task in cfg.tasks.values())  # the weights now define the mixture
     # Scaling every task's weight by a common factor gives the same mixture.
     every = {f"tasks.{name}.weight": float(i + 1) for i, name in enumerate(base.tasks)}

@@ -67,9 +67,9 @@ def test_real_sweep_stops_trials_writes_report_and_resumes(ray_local, tiny_overr
     assert best.run.steps == base.run.steps  # the full-run budget of the base, not the sweep's
     assert sum(task.weight for task in best.tasks.values()) == pytest.approx(1.0)
 
-    # The best config is a ready-to-run pretrain config: train it for two steps.
+    # The best config is a ready-to-run pretrain config: train it for two steps (Ray Train local mode).
     run = load_config(PretrainConfig, result.best_config_path, [
-        "run.steps=2", "run.eval_every=2", "run.num_workers=1", f"run.storage_path={tmp_path / 'best'}"])
+        "run.steps=2", "run.eval_every=2", "run.num_workers=0", f"run.storage_path={tmp_path / 'best'}"])
     fitted = build_trainer(run).fit()
     assert fitted.error is None and fitted.metrics["step"] == 2 and "val_loss" in fitted.metrics
 

@@ -116,4 +116,7 @@ def run_task(model: Any, name: str, task: TaskConfig, batch: dict[str, np.ndarra
         loss = loss + obj.weight * value
     load = {m: {str(layer): v.detach().float().cpu().tolist() for layer, v in o.expert_load.items()}
             for m, o in outs.items() if o.expert_load}
+    for m, o in outs.items():  # Expert Choice balances load by construction; coverage is what varies
+        if o.moe:
+            parts[f"coverage_{m}"] = float(sum(float(s.coverage) for s in o.moe.values()) / len(o.moe))
     return TaskOutput(loss=loss, parts=parts, samples=len(next(iter(batch.values()))), expert_load=load)

@@ -50,6 +50,7 @@ def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any
 
     from imp_platform.train.loop import train_loop_per_worker
 
+    cfg = absolute_paths(cfg)
     if run_config is None:
         storage_path, storage_fs = _storage(cfg)
         run_config = RunConfig(
@@ -72,6 +73,17 @@ def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
     )
+
+
+def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """Local relative paths made absolute on the driver: Ray workers run in another directory."""
+    def fix(path: str | None) -> str | None:
+        return path if path is None or "://" in path else str(Path(path).resolve())
+
+    data = cfg.data.model_copy(update={"root": fix(cfg.data.root), "pipeline": fix(cfg.data.pipeline),
+                                       "tokenizer": fix(cfg.data.tokenizer)})
+    run = cfg.run.model_copy(update={"storage_path": fix(cfg.run.storage_path)})
+    return cfg.model_copy(update={"data": data, "run": run})
 
 
 def ensure_ray(cfg: PretrainConfig, attempts: int = 3) -> None:
