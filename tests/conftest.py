@@ -38,9 +38,8 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-@pytest.fixture
-def ray_local() -> Iterator[None]:
-    """A real local Ray with 4 logical CPUs, started once and reused by later tests."""
+def ensure_local_ray() -> None:
+    """Start the shared local Ray (4 logical CPUs) unless this process already has one."""
     import ray
 
     if not ray.is_initialized():
@@ -51,6 +50,12 @@ def ray_local() -> Iterator[None]:
             log_to_driver=False,
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "platform")}},
         )
+
+
+@pytest.fixture
+def ray_local() -> Iterator[None]:
+    """A real local Ray with 4 logical CPUs, started once and reused by later tests."""
+    ensure_local_ray()
     yield
 
 
@@ -123,3 +128,32 @@ def synth_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_dataset(root, samples=96, shards=3, seed=0, split="train")
     write_dataset(root, samples=40, shards=2, seed=0, split="test")
     return {"root": root, "train": root / "train", "test": root / "test"}
+
+
+@pytest.fixture(scope="session")
+def processed_root(synth_shards, tmp_path_factory) -> Path:
+    """``ROOT/raw`` -> the synth shards, ``ROOT/processed/{train,test}`` preprocessed once per session."""
+    from imp_platform.config.train import load_pretrain_config
+    from imp_platform.train.trainer import prepare_data
+
+    ensure_local_ray()
+    root = tmp_path_factory.mktemp("processed")
+    (root / "raw").symlink_to(synth_shards["root"], target_is_directory=True)
+    prepare_data(load_pretrain_config(REPO / "jobs/configs/pretrain.yaml",
+                                      [f"data.root={root}", "data.synth=null",
+                                       f"data.pipeline={REPO / 'pipelines/moving_digits.yaml'}"]))
+    return root
+
+
+@pytest.fixture
+def tiny_overrides(processed_root, tmp_path) -> list[str]:
+    """--set keys that make a run tiny: few steps, small batches, a capped held-out eval."""
+    return [
+        f"data.root={processed_root}", "data.synth=null",
+        f"data.pipeline={REPO / 'pipelines/moving_digits.yaml'}",
+        f"run.storage_path={tmp_path / 'ray'}", "run.name=tiny", "run.steps=8", "run.eval_every=4",
+        "run.log_every=2", "run.cpus_per_worker=0.5", "run.tensorboard=false",
+        "eval.max_samples=24", "eval.batch_size=24", "optim.lr=2e-3", "schedule.warmup_steps=2",
+        *[f"tasks.{t}.token_budget=768" for t in ("video_text", "video_audio", "audio_text")],
+        *[f"tasks.{t}.token_budget=384" for t in ("image_cls", "video_cls", "audio_cls")],
+    ]

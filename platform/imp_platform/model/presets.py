@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch.overrides import TorchFunctionMode
 
 from imp_platform.config.model import ModelConfig, MoEConfig
