@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imp_platform.config import ConfigError
+from imp_platform.cli.common import job_exit_code
 from imp_platform.train.entry import run_eval
 
 
@@ -18,12 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default runs/<run name>/eval)")
     parser.add_argument("--max-samples", type=int, default=None, help="cap on held-out samples")
     args = parser.parse_args(argv)
-    try:
-        run_eval(args.checkpoint, args.out, args.max_samples)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return job_exit_code(run_eval, args.checkpoint, args.out, args.max_samples)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imp_platform.config import ConfigError
+from imp_platform.cli.common import job_exit_code
 from imp_platform.train.entry import run_pretrain
 
 
@@ -20,12 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set run.steps=100 (repeatable)")
     args = parser.parse_args(argv)
-    try:
-        run_pretrain(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return job_exit_code(run_pretrain, args.config, args.overrides)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,14 @@ def tiny_overrides(processed_root, tmp_path) -> list[str]:
         *[f"tasks.{t}.token_budget=768" for t in ("video_text", "video_audio", "audio_text")],
         *[f"tasks.{t}.token_budget=384" for t in ("image_cls", "video_cls", "audio_cls")],
     ]
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny-tensor tests run faster on one intra-op thread, and are immune to a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,12 +1,8 @@
-"""Model tests use tiny tensors: one intra-op thread is faster than two and immune to a busy machine."""
+"""Every test here uses tiny tensors: run them on one torch thread."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread: None) -> None:
+    """Applies the shared ``one_torch_thread`` fixture to every test in this folder."""

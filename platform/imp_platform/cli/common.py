@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 
 import typer
 
@@ -18,3 +19,13 @@ def user_errors() -> Iterator[None]:
     except (ConfigError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
+
+
+def job_exit_code(fn: Callable[..., object], *args: object) -> int:
+    """Run a ``jobs/*.py`` body: 0 on success; a user error prints one line and gives 2 (no traceback)."""
+    try:
+        fn(*args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
