@@ -3,6 +3,9 @@ SHELL := /bin/bash
 # Resolved by the shell on each line, so a uv installed by `setup` is found by the next line.
 UV = "$$(command -v uv || echo $$HOME/.local/bin/uv)"
 PYTEST_ARGS ?=
+# Ray's `uv run` support would re-create the uv environment inside every worker's working
+# directory (seconds per worker start); locally every worker already runs this .venv's python.
+export RAY_ENABLE_UV_RUN_RUNTIME_ENV ?= 0
 
 .PHONY: setup demo test bench clean
 

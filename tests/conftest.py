@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Before Ray is imported (it reads this once): workers run this interpreter directly instead of
+# re-syncing the uv environment in a working-dir copy, as Ray does for a `uv run` driver.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # Logical CPUs for local Ray: more than the 2 real cores, so fractional-CPU train workers
 # and Ray Data tasks can run side by side (see REFERENCE.md, "Ray 2.60 facts").
 RAY_TEST_CPUS = 4

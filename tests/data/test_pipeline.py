@@ -31,10 +31,15 @@ def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def manifest(ray_local: None, synth_shards: dict[str, Path], out_dir: Path) -> dict:
-    """One preprocess run of the train split, shared by the tests of this module."""
+def manifest(ray_local: None, synth_shards: dict[str, Path], out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """One preprocess run of the train split, shared by the tests of this module.
+
+    The output path is relative to a cwd the Ray workers do not share (they keep the one
+    Ray started in), so files landing anywhere but ``out_dir`` fail the tests below.
+    """
     if not (out_dir / "manifest.json").exists():
-        preprocess(load_preprocess_config(None, str(synth_shards["train"]), str(out_dir)))
+        monkeypatch.chdir(out_dir.parent)
+        preprocess(load_preprocess_config(None, str(synth_shards["train"]), out_dir.name))
     return json.loads((out_dir / "manifest.json").read_text())
 
 

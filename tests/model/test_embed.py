@@ -7,13 +7,15 @@ import torch
 
 from imp_platform.model import build_model
 from imp_platform.model.embed import FactorizedPositions, drop_tokens, normalized_coords
+from imp_platform.config.model import ModelConfig
 from imp_platform.model.presets import preset
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["conv", "linear"])
+def model(request):
+    """The tiny preset with each vision stem (conv is its default)."""
     torch.manual_seed(0)
-    return build_model(preset("tiny"))
+    return build_model(preset("tiny", vision_stem=request.param))
 
 
 def test_coords_are_cell_centres() -> None:
@@ -74,3 +76,18 @@ def test_bad_inputs_name_the_problem(model) -> None:
         model.encode("smell", torch.rand(1, 4))
     with pytest.raises(ValueError, match="max_text_len"):
         model.encode("text", torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_image_is_a_still_clip_for_either_stem(model) -> None:
+    """IMP feeds an image as a clip of ``video_patch[0]`` identical frames."""
+    image = torch.rand(2, 32, 48, 3)
+    clip = image[:, None].expand(-1, model.cfg.video_patch[0], -1, -1, -1)
+    torch.testing.assert_close(model.embed("image", image).tokens, model.embed("video", clip).tokens)
+
+
+def test_conv_stem_needs_square_power_of_two_patches() -> None:
+    with pytest.raises(ValueError, match="vision_stem 'conv'"):
+        ModelConfig(vision_stem="conv", video_patch=(2, 12, 12))
+    with pytest.raises(ValueError, match="vision_stem 'conv'"):
+        ModelConfig(vision_stem="conv", video_patch=(2, 8, 16))
+    assert ModelConfig(vision_stem="conv", video_patch=(2, 16, 16)).vision_stem == "conv"

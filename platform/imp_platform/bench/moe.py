@@ -86,9 +86,13 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.T
     return sum(seen.values())
 
 
-def _fwd_bwd(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+def _fwd_bwd(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor,
+             params: list[torch.Tensor]) -> Callable[[], None]:
+    """One training-like step: grads set to None first (``zero_grad(set_to_none=True)``), so no
+    variant pays for accumulating into last step's (E times larger, for MoE) weight grads."""
     def step() -> None:
-        x.grad = None
+        for t in (x, *params):
+            t.grad = None
         out = forward(x)
         torch.autograd.backward(out, grad)
         if x.device.type == "cuda":
@@ -140,7 +144,8 @@ def bench_size(tokens: int, d: int, hidden: int, experts: int, device: torch.dev
         def naive_fwd(inp: torch.Tensor, layer: MoEFFN = layer) -> torch.Tensor:
             return naive_forward(layer, inp)
 
-        steps = {k: _fwd_bwd(f, x, grad) for k, f in (("moe", moe_fwd), ("dense", dense), ("naive", naive_fwd))}
+        weights = {"moe": list(layer.parameters()), "dense": list(dense.parameters()), "naive": list(layer.parameters())}
+        steps = {k: _fwd_bwd(f, x, grad, weights[k]) for k, f in (("moe", moe_fwd), ("dense", dense), ("naive", naive_fwd))}
         measured = interleaved_times(steps, rounds=repeats)
         times = {k: v["wall_s"] for k, v in measured.items()}
         params = [*layer.parameters(), *dense.parameters(), x]

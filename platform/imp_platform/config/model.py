@@ -83,6 +83,9 @@ class ModelConfig(StrictModel):
     mlp_dim: int = Field(3072, ge=8)
     # Vision tubelet (t, h, w); images become clips of t frames.
     video_patch: tuple[int, int, int] = (4, 16, 16)
+    # "linear": IMP's linear tubelet embedding. "conv": a few stride-2 convs per frame (square
+    # power-of-two patches only); learns much faster for small models on small data.
+    vision_stem: Literal["linear", "conv"] = "linear"
     # Log-mel patch (frames, mel bins) over inputs [F, mel_bins].
     audio_patch: tuple[int, int] = (16, 16)
     mel_bins: int = Field(128, ge=1)
@@ -128,6 +131,9 @@ class ModelConfig(StrictModel):
     def _check(self) -> ModelConfig:
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        _, ph, pw = self.video_patch
+        if self.vision_stem == "conv" and (ph != pw or ph < 2 or ph & (ph - 1)):
+            raise ValueError(f"vision_stem 'conv' needs square power-of-two video_patch sides, got {self.video_patch}")
         if self.mel_bins % self.audio_patch[1]:
             raise ValueError(f"mel_bins ({self.mel_bins}) must be divisible by audio_patch[1] ({self.audio_patch[1]})")
         if self.moe.enabled:

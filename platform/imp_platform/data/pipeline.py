@@ -26,7 +26,7 @@ from imp_platform.config.pipeline import PipelineConfig, load_pipeline
 from imp_platform.data import manifest as manifest_io
 from imp_platform.data.buckets import tokens_per_sample
 from imp_platform.data.decode import DecodedSample, DecodeError, decode_sample, load_tokenizer
-from imp_platform.data.sources import ShardListing, filesystem, join, list_shards
+from imp_platform.data.sources import ShardListing, absolute, filesystem, join, list_shards
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +392,7 @@ def preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     """
     start = time.perf_counter()
     ds, listing = decoded_dataset(cfg)
-    out = cfg.output.path.rstrip("/")
+    out = absolute(cfg.output.path.rstrip("/"))
     _clear_output(out, cfg.output.storage_options)
     sink = _make_sink(out, cfg.output.storage_options, "text" in cfg.modalities.enabled)
     log.info("preprocess %s: %d shards -> %s", cfg.name, len(listing.shards), out)

@@ -8,6 +8,7 @@ counted by path, and a missing source fails at once with a message naming it.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,12 @@ def filesystem(path: str, storage_options: dict[str, Any] | None = None) -> tupl
 def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A path inside ``fs`` as a URL that ``filesystem`` maps back to the same file."""
     return fs.unstrip_protocol(path) if _is_remote(fs) else path
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute (URLs unchanged): Ray workers may run in another directory
+    (a job's working_dir, or the one Ray's ``uv run`` support creates)."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def join(root: str, *parts: str) -> str:

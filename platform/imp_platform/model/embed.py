@@ -100,6 +100,39 @@ def drop_tokens(
     return take(tokens), take(coords), None if mask is None else take(mask)
 
 
+class ConvTubelets(nn.Module):
+    """Convolutional tubelet stem: per frame, log2(patch) stride-2 3x3 convs down to the patch grid,
+    then one linear layer over the ``t`` frames of each tubelet.
+
+    Why: a linear patch embedding learns translation-invariant features only from a lot of
+    data; small models on small data learn far faster with a few early convolutions
+    (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"). Token grid,
+    order and count are those of the linear tubelets, so everything downstream is unchanged.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        pt, ph, _ = cfg.video_patch
+        n = ph.bit_length() - 1  # ConfigModel checks ph == pw, a power of two >= 2
+        widths = [3] + [max(8, cfg.d_model >> (n - 1 - i)) for i in range(n)]
+        layers: list[nn.Module] = []
+        for i in range(n):
+            layers += [nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1), nn.GroupNorm(1, widths[i + 1]), nn.GELU()]
+        self.convs = nn.Sequential(*layers)
+        self.frames = pt
+        self.proj = nn.Linear(pt * widths[-1], cfg.d_model, bias=cfg.bias)
+
+    def forward(self, clips: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """``clips`` [B, T, H, W, 3] in [-1, 1], cropped to whole tubelets -> tokens [B, t*h*w, d]."""
+        batch, frames, height, width, _ = clips.shape
+        weight = self.convs[0].weight
+        x = clips.to(weight.dtype).reshape(batch * frames, height, width, 3).permute(0, 3, 1, 2)
+        x = self.convs(x)  # [B*T, C, h, w]
+        nt, nh, nw = grid
+        x = x.reshape(batch, nt, self.frames, -1, nh, nw).permute(0, 1, 4, 5, 2, 3)
+        return self.proj(x.reshape(batch, nt * nh * nw, -1))
+
+
 class Embedders(nn.Module):
     """All modality-specific input layers; outputs tokens with position and type added."""
 
@@ -109,7 +142,8 @@ class Embedders(nn.Module):
         d = cfg.d_model
         pt, ph, pw = cfg.video_patch
         pf, pm = cfg.audio_patch
-        self.vision = nn.Linear(pt * ph * pw * 3, d, bias=cfg.bias)
+        self.vision = (ConvTubelets(cfg) if cfg.vision_stem == "conv"
+                       else nn.Linear(pt * ph * pw * 3, d, bias=cfg.bias))
         self.audio_mel = nn.Linear(pf * pm, d, bias=cfg.bias)
         self.audio_wave = nn.Linear(cfg.wave_patch, d, bias=cfg.bias)
         self.text = nn.Embedding(cfg.vocab_size, d)
@@ -125,9 +159,13 @@ class Embedders(nn.Module):
         if modality == "text":
             tokens, coords = self._text(inputs)
         else:
-            patches, grid = self._patchify(modality, inputs)
             layer = self.vision if modality in ("video", "image") else getattr(self, modality)
-            tokens = layer(patches.to(layer.weight.dtype))
+            if isinstance(layer, ConvTubelets):
+                clips, grid = self._clips(modality, inputs)
+                tokens = layer(clips, grid)
+            else:
+                patches, grid = self._patchify(modality, inputs)
+                tokens = layer(patches.to(layer.weight.dtype))
             coords = normalized_coords(grid, inputs.device).expand(tokens.shape[0], -1, -1)
             mask = None
         tokens, coords, mask = drop_tokens(tokens, coords, mask, drop_rate)
@@ -148,20 +186,27 @@ class Embedders(nn.Module):
         coords[..., 0] = torch.arange(length, device=ids.device, dtype=torch.float32)
         return self.text(ids.long()), coords
 
+    def _clips(self, modality: str, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Video or image (as a clip of ``video_patch[0]`` frames) in [0, 1] -> [B, T, H, W, 3] in [-1, 1],
+        cropped to whole tubelets."""
+        if modality == "image":
+            if x.dim() != 4:
+                raise ValueError(f"image input must be [B, H, W, 3], got {tuple(x.shape)}")
+            x = x.unsqueeze(1).expand(-1, self.cfg.video_patch[0], -1, -1, -1)
+        elif x.dim() != 5:
+            raise ValueError(f"video input must be [B, T, H, W, 3], got {tuple(x.shape)}")
+        nt, nh, nw = grid_shape(self.cfg, "video", x.shape[1:])
+        pt, ph, pw = self.cfg.video_patch
+        return x[:, : nt * pt, : nh * ph, : nw * pw].float() * 2.0 - 1.0, (nt, nh, nw)
+
     def _patchify(self, modality: str, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Cut ``x`` (batched) into flat patches [B, N, patch_dim] on the token grid."""
         batch = x.shape[0]
         grid = grid_shape(self.cfg, modality, x.shape[1:])
         nt, nh, nw = grid
         if modality in ("video", "image"):
-            if modality == "image":
-                if x.dim() != 4:
-                    raise ValueError(f"image input must be [B, H, W, 3], got {tuple(x.shape)}")
-                x = x.unsqueeze(1).expand(-1, self.cfg.video_patch[0], -1, -1, -1)
-            elif x.dim() != 5:
-                raise ValueError(f"video input must be [B, T, H, W, 3], got {tuple(x.shape)}")
+            x, _ = self._clips(modality, x)
             pt, ph, pw = self.cfg.video_patch
-            x = x[:, : nt * pt, : nh * ph, : nw * pw].float() * 2.0 - 1.0
             x = x.reshape(batch, nt, pt, nh, ph, nw, pw, 3).permute(0, 1, 3, 5, 2, 4, 6, 7)
             return x.reshape(batch, nt * nh * nw, -1), grid
         if modality == "audio_mel":

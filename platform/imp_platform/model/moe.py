@@ -129,6 +129,21 @@ class MoEFFN(nn.Module):
     def _experts_bmm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.bmm(F.gelu(torch.bmm(x, self.w1)), self.w2)
 
+    def _combine(self, out: torch.Tensor, token_idx: torch.Tensor, gates: torch.Tensor, rows: int) -> torch.Tensor:
+        """Scale expert output rows by their float32 gates and scatter-add them into ``rows`` token rows."""
+        out = out.to(gates.dtype) * gates.unsqueeze(1)
+        return out.new_zeros(rows, out.shape[1]).index_add_(0, token_idx, out)
+
+    def _dispatch_bmm(self, x: torch.Tensor, token_idx: torch.Tensor, gates: torch.Tensor, rows: int) -> torch.Tensor:
+        """Experts over equal-sized slot lists: ``token_idx`` [E * C] (expert-major) -> y [rows, d] float32.
+
+        One gather, two ``bmm`` over [E, C, d] and one scatter-add: a handful of large kernels,
+        which is what keeps the layer close to a dense FFN on CPU.
+        """
+        d = x.shape[-1]
+        out = self._experts_bmm(x.index_select(0, token_idx).view(self.num_experts, -1, d))
+        return self._combine(out.view(-1, d), token_idx, gates, rows)
+
     def _aux(self, logits: torch.Tensor, probs: torch.Tensor, assignments: torch.Tensor | None) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         weighted = {"z_loss": (cfg.z_loss_weight, router_z_loss(logits))}
@@ -151,52 +166,58 @@ class MoEFFN(nn.Module):
 
     def _expert_choice(self, x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, MoEStats]:
         """Each expert picks its top-C tokens of each group by router probability."""
-        tokens, d = x.shape
+        tokens = x.shape[0]
         experts = self.num_experts
         groups = max(1, math.ceil(tokens / self.cfg.group_size))
         size = math.ceil(tokens / groups)
         pad = groups * size - tokens
-        if valid is None:
-            valid = torch.ones(tokens, dtype=torch.bool, device=x.device)
-        n_real = int(valid.sum())
-        all_valid = n_real == tokens and not pad
+        n_real = tokens if valid is None else int(valid.sum())
+        if n_real == tokens:
+            valid = None  # no masking work (or host syncs) when every token is real
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-            valid = F.pad(valid, (0, pad), value=False)
+            real = torch.ones(tokens, dtype=torch.bool, device=x.device) if valid is None else valid
+            valid = F.pad(real, (0, pad), value=False)
         capacity = min(size, max(1, math.ceil(size * self.cfg.capacity_factor / experts)))
 
         logits = self._logits(x)
         probs = torch.softmax(logits, dim=-1)
-        scores = probs.view(groups, size, experts).transpose(1, 2)  # [G, E, S]
-        if not all_valid:
+        scores = probs.view(groups, size, experts)
+        if valid is not None:
             # Padded tokens score -1, below any probability: picked only when a group has too few real tokens.
-            scores = scores.masked_fill(~valid.view(groups, 1, size), -1.0)
-        gates, idx = torch.topk(scores, capacity, dim=-1)  # [G, E, C]
-        offsets = torch.arange(groups, device=x.device).view(groups, 1, 1) * size
-        token_idx = (idx + offsets).transpose(0, 1).reshape(-1)  # expert-major [E * G * C]
-        gates = gates.transpose(0, 1).reshape(-1, 1)
-        picked = gates >= 0  # False only for padding
-        if not all_valid:
+            scores = scores.masked_fill(~valid.view(groups, size, 1), -1.0)
+        # Top-C over each group's tokens (dim 1) needs no transposed copy of the scores; the
+        # order inside an expert's slots does not matter, so skip sorting them.
+        gates, idx = torch.topk(scores, capacity, dim=1, sorted=False)  # [G, C, E]
+        offsets = torch.arange(0, groups * size, size, device=x.device).view(groups, 1, 1)
+        token_idx = (idx + offsets).permute(2, 0, 1).reshape(-1)  # expert-major [E * G * C]
+        gates = gates.permute(2, 0, 1).reshape(-1)
+        picked = None if valid is None else gates >= 0  # False only for padding
+        if picked is not None:
             gates = gates.clamp_min(0.0)
 
-        out = self._experts_bmm(x.index_select(0, token_idx).view(experts, groups * capacity, d))
-        out = out.reshape(-1, d).to(gates.dtype) * gates
-        y = torch.zeros(groups * size, d, dtype=out.dtype, device=x.device).index_add_(0, token_idx, out)
-        y = y[:tokens].to(x.dtype)
+        y = self._dispatch_bmm(x, token_idx, gates, groups * size)[:tokens].to(x.dtype)
 
         with torch.no_grad():
-            per_expert = picked.view(experts, -1).sum(dim=1).float()
-            load = per_expert / per_expert.sum().clamp_min(1)
-            hits = torch.zeros(groups * size, device=x.device).index_add_(0, token_idx, picked.view(-1).float())
-            coverage = (hits[valid] > 0).float().mean() if n_real else hits.new_zeros(())
+            load = self._ec_load(picked)
+            # Padding is picked only from invalid tokens, which coverage ignores: no need to filter it out.
+            hit = torch.zeros(groups * size, dtype=torch.bool, device=x.device).index_fill_(0, token_idx, True)
+            coverage = (hit if valid is None else hit[valid]).float().mean() if n_real else hit.new_zeros((), dtype=torch.float32)
         if not n_real:
             return y, self._empty_stats(load, coverage)
-        real_logits, real_probs = (logits, probs) if all_valid else (logits[valid], probs[valid])
+        real_logits, real_probs = (logits, probs) if valid is None else (logits[valid], probs[valid])
         return y, self._stats(self._aux(real_logits, real_probs, None), load, coverage)
+
+    def _ec_load(self, picked: torch.Tensor | None) -> torch.Tensor:
+        """Share of real picks per expert; uniform (every slot real) when nothing is masked."""
+        if picked is None:
+            return torch.full((self.num_experts,), 1.0 / self.num_experts, device=self.router.device)
+        per_expert = picked.view(self.num_experts, -1).sum(dim=1).float()
+        return per_expert / per_expert.sum().clamp_min(1)
 
     def _top_k(self, x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, MoEStats]:
         """Each real token goes to its top-k experts; no capacity, nothing dropped."""
-        tokens, d = x.shape
+        tokens = x.shape[0]
         experts, k = self.num_experts, self.cfg.top_k
         rows = None if valid is None else valid.nonzero().squeeze(1)
         xs = x if rows is None else x[rows]
@@ -207,20 +228,17 @@ class MoEFFN(nn.Module):
         logits = self._logits(xs)
         probs = torch.softmax(logits, dim=-1)
         gates, expert_ids = torch.topk(probs, k, dim=-1)  # [Tv, k]
-        flat_ids = expert_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
+        sorted_ids, order = torch.sort(expert_ids.reshape(-1), stable=True)
+        counts = torch.bincount(sorted_ids, minlength=experts)
         src = order // k  # row of xs for each sorted assignment
-        counts = torch.bincount(flat_ids, minlength=experts)
         dest = src if rows is None else rows[src]
-
+        sorted_gates = gates.reshape(-1)[order]
         h = F.gelu(grouped_matmul(x.index_select(0, dest), self.w1, counts))
-        out = grouped_matmul(h, self.w2, counts)
-        out = out.to(gates.dtype) * gates.reshape(-1)[order].unsqueeze(1)
-        y = torch.zeros(tokens, d, dtype=out.dtype, device=x.device).index_add_(0, dest, out).to(x.dtype)
+        y = self._combine(grouped_matmul(h, self.w2, counts), dest, sorted_gates, tokens)
 
         load = counts.float() / counts.sum()
         weighted = self._aux(logits, probs, expert_ids)
-        return y, self._stats(weighted, load, torch.ones((), device=x.device))
+        return y.to(x.dtype), self._stats(weighted, load, torch.ones((), device=x.device))
 
     def _empty_stats(self, load: torch.Tensor, coverage: torch.Tensor) -> MoEStats:
         # Keep the router in the graph so DDP sees a gradient (zero) for it.

@@ -18,6 +18,7 @@ _SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(
         d_model=96, depth=4, num_heads=4, mlp_dim=384, video_patch=(2, 8, 8), audio_patch=(16, 16),
         vocab_size=1024, max_text_len=64, max_positions=(8, 16, 16), d_common=128,
+        vision_stem="conv",  # a linear stem barely learns digits in the demo's few hundred steps
     ),
     "small": dict(d_model=384, depth=12, num_heads=6, mlp_dim=1536, d_common=512),
     "base": dict(d_model=768, depth=12, num_heads=12, mlp_dim=3072, d_common=1024),

@@ -77,8 +77,10 @@ def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any
 
 def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     """Local relative paths made absolute on the driver: Ray workers run in another directory."""
+    from imp_platform.data.sources import absolute
+
     def fix(path: str | None) -> str | None:
-        return path if path is None or "://" in path else str(Path(path).resolve())
+        return None if path is None else absolute(path)
 
     data = cfg.data.model_copy(update={"root": fix(cfg.data.root), "pipeline": fix(cfg.data.pipeline),
                                        "tokenizer": fix(cfg.data.tokenizer)})
