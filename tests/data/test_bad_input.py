@@ -32,6 +32,24 @@ def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def add_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> None:
+    for ext, data in members.items():
+        add(tar, f"{key}.{ext}", data)
+
+
+def write_cut_shard(path: Path, good: dict[str, dict[str, bytes]], key: str, members: dict[str, bytes]) -> None:
+    """Good samples, then ``key`` cut in the middle of its last member (an interrupted copy)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for good_key, good_members in good.items():
+            add_sample(tar, good_key, good_members)
+        *head, (ext, data) = members.items()
+        add_sample(tar, key, dict(head))
+        cut = buf.tell() + tarfile.BLOCKSIZE + len(data) // 2
+        add(tar, f"{key}.{ext}", data)
+    path.write_bytes(buf.getvalue()[:cut])
+
+
 def nan_wav() -> bytes:
     buf = io.BytesIO()
     soundfile.write(buf, np.full(8000, np.nan, dtype=np.float32), 16000, format="WAV", subtype="FLOAT")
@@ -47,6 +65,8 @@ def build_corpus(root: Path, source: dict[str, dict[str, bytes]]) -> tuple[list[
     items = list(source.values())
     good = {f"good-{i}": items[i] for i in range(GOOD)}
     base = items[GOOD]
+    before_cut = {f"before-cut-{i}": items[GOOD + 1 + i] for i in range(2)}
+    repeated = items[GOOD + 3]  # kept once; its key comes back later in the shard
     mp4 = base["mp4"]
     y4m_16k = b"YUV4MPEG2 W16000 H16000 F8:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(4096)  # header promises 16k x 16k
     faults: dict[str, tuple[str, dict[str, bytes]]] = {
@@ -62,20 +82,27 @@ def build_corpus(root: Path, source: dict[str, dict[str, bytes]]) -> tuple[list[
     src = root / "src"
     src.mkdir()
     with tarfile.open(src / "mixed-00000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        add_sample(tar, "repeated", repeated)
         for key, members in [*good.items(), *((k, m) for k, (_, m) in faults.items())]:
-            for ext, data in members.items():
-                add(tar, f"{key}.{ext}", data)
+            add_sample(tar, key, members)
+        add_sample(tar, "bad-duplicate-member", base)
+        add(tar, "bad-duplicate-member.json", base["json"])  # the same extension twice in one sample
+        add(tar, "repeated.json", repeated["json"])  # not contiguous with its first group
         add(tar, "../x", b"escapes the extraction folder")
+    write_cut_shard(src / "cut-00003.tar", before_cut, "bad-cut-mid-member", base)
     (src / "empty-00001.tar").write_bytes(b"")
     with tarfile.open(src / "no-members-00002.tar", "w"):
         pass
     (src / "notes.txt").write_text("not a shard")
     expected = {key: kind for key, (kind, _) in faults.items()}
+    expected["bad-duplicate-member"] = "duplicate_member"
+    expected["repeated"] = "duplicate_key"
+    expected["bad-cut-mid-member"] = "truncated_shard"
     expected["../x"] = "unsafe_member_name"
     expected[str(src / "empty-00001.tar")] = "empty_shard"
     expected[str(src / "no-members-00002.tar")] = "empty_shard"
     expected[str(src / "notes.txt")] = "not_tar"
-    return list(good), expected
+    return [*good, *before_cut, "repeated"], expected
 
 
 def test_every_planted_fault_is_skipped_and_counted(

@@ -3,7 +3,7 @@
 (a) ceiling: the same decode functions (decord video, soundfile/torchaudio audio, tokenizers,
 PIL) called straight from tar files, one process per core, no framework; (b) what users pick
 instead: torch DataLoader + webdataset with the same decode step and the same number of
-workers; (c) our pipeline: read_webdataset -> decode actors -> bucketed parquet + manifest
+workers; (c) our pipeline: tar shard reader -> decode actors -> bucketed parquet + manifest
 (it also writes its output, the others only decode). Also the padding waste of bucketed
 batches vs native shapes padded to the batch maximum, and the peak RSS of the driver plus
 every Ray process at 1x and 10x the input (10x = the same shards listed ten times).
@@ -15,7 +15,6 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-import tarfile
 import tempfile
 import threading
 import time
@@ -29,6 +28,7 @@ from imp_platform.bench.common import write_results
 from imp_platform.config.pipeline import PipelineConfig
 from imp_platform.data import buckets, decode
 from imp_platform.data.pipeline import decode_or_skip, load_preprocess_config, preprocess, resolve_tokenizer
+from imp_platform.data.tars import RawSample, read_samples
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +36,10 @@ PAD_BATCH = 16  # batch size used for both padding-waste figures
 MEMORY_SCALE = 10
 
 
-def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) of a webdataset shard, grouped as read_webdataset groups them."""
-    key, members = None, {}
-    with tarfile.open(path) as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base, _, ext = info.name.partition(".")
-            if base != key and members:
-                yield key, members
-                members = {}
-            key = base
-            members[ext] = tar.extractfile(info).read()
-    if members:
-        yield key, members
+def _tar_samples(path: str) -> Iterator[RawSample]:
+    """The samples of a local shard, read as the pipeline reads them."""
+    with open(path, "rb") as fh:
+        yield from read_samples(fh, path)
 
 
 # ------------------------------------------------------------------ (a) no-framework ceiling
@@ -67,8 +56,8 @@ def _init_worker(cfg: PipelineConfig, tokenizer_json: str | None) -> None:
 
 def _decode_shard(path: str) -> int:
     count = 0
-    for key, members in _tar_samples(path):
-        decode_or_skip(key, members, _worker["cfg"], _worker["tok"])
+    for sample in _tar_samples(path):
+        decode_or_skip(sample, _worker["cfg"], _worker["tok"])
         count += 1
     return count
 
@@ -77,9 +66,9 @@ def _video_only_shard(path: str) -> int:
     """Only the video members (header probe + decord resize-at-decode of the sampled frames)."""
     cfg = _worker["cfg"]
     count = 0
-    for _, members in _tar_samples(path):
-        if "mp4" in members:
-            decode.decode_video(members["mp4"], cfg.video.buckets[0], cfg.video.fps, limits=cfg.limits)
+    for sample in _tar_samples(path):
+        if "mp4" in sample.members:
+            decode.decode_video(sample.members["mp4"], cfg.video.buckets[0], cfg.video.fps, limits=cfg.limits)
             count += 1
     return count
 
@@ -105,7 +94,7 @@ class _WdsDecode:
     def __call__(self, sample: dict[str, Any]) -> int:
         tok = decode.load_tokenizer(self.tokenizer_json) if self.tokenizer_json else None
         members = {k: v for k, v in sample.items() if not k.startswith("__") and isinstance(v, bytes)}
-        decode_or_skip(sample["__key__"], members, self.cfg, tok)
+        decode_or_skip(RawSample(sample["__key__"], members), self.cfg, tok)
         return 1
 
 
@@ -206,7 +195,7 @@ def padding_waste(cfg: PipelineConfig, shards: list[str], output: str) -> dict[s
     from imp_platform.data.stream import ProcessedDataset
 
     tokenizer = decode.load_tokenizer(resolve_tokenizer(cfg, shards))
-    native = [_native_tokens(k, m, cfg, tokenizer) for shard in shards for k, m in _tar_samples(shard)]
+    native = [_native_tokens(s.key, s.members, cfg, tokenizer) for shard in shards for s in _tar_samples(shard)]
     padded = total = 0
     dataset = ProcessedDataset.open(output)
     for info in dataset.buckets:
@@ -262,8 +251,7 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         speed_dir, speed = _replicate(work, base, "speed", 2 if quick else 8)
         cfg = load_preprocess_config(None, str(speed_dir), str(work / "out-speed"), settings)
         # Import the decoders here once so forked baseline workers start warm (Ray actors import their own).
-        key, members = next(_tar_samples(base[0]))
-        decode_or_skip(key, members, cfg, decode.load_tokenizer(resolve_tokenizer(cfg, base)))
+        decode_or_skip(next(_tar_samples(base[0])), cfg, decode.load_tokenizer(resolve_tokenizer(cfg, base)))
         # The baselines fork worker processes: run them before Ray starts its threads here.
         a_rate, a_n = ceiling(cfg, speed, workers)
         log.info("(a) ceiling: %.2f samples/s (%d)", a_rate, a_n)

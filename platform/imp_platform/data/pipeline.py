@@ -1,8 +1,9 @@
-"""The Ray Data graph: list shards -> read_webdataset (raw bytes) -> decode actors -> bucketed parquet.
+"""The Ray Data graph: list shards -> read tar shards (raw bytes) -> decode actors -> bucketed parquet.
 
-One streaming pass. Decode actors turn each raw sample into a processed row or a skip
-record (never an exception), packed into one fixed schema so rows of different buckets can
-share a block; the datasink unpacks each bucket into uniform tensor columns under
+One streaming pass. The reader (``tars``) marks a broken shard or sample instead of raising;
+decode actors turn each raw sample into a processed row or a skip record (never an
+exception), packed into one fixed schema so rows of different buckets can share a block;
+the datasink unpacks each bucket into uniform tensor columns under
 ``OUTPUT/bucket=<name>/`` and returns per-task counts that the driver merges into
 ``manifest.json``. Nothing is materialized, so memory does not grow with the input.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -24,9 +24,11 @@ import numpy as np
 from imp_platform.config import ConfigError
 from imp_platform.config.pipeline import PipelineConfig, load_pipeline
 from imp_platform.data import manifest as manifest_io
+from imp_platform.data import tars
 from imp_platform.data.buckets import tokens_per_sample
 from imp_platform.data.decode import DecodedSample, DecodeError, decode_sample, load_tokenizer
 from imp_platform.data.sources import ShardListing, absolute, filesystem, join, list_shards
+from imp_platform.data.tars import RawSample
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +39,6 @@ IO_TASK_CPUS = 0.25
 BUCKET_DIR = "bucket={}"
 # Rows per parquet row group (and the least rows per write task): the unit the stream reshuffles.
 ROW_GROUP_ROWS = 128
-
-
-def safe_member_name(name: str) -> str:
-    """``filerename`` for read_webdataset: keep members whose file name has no extension.
-
-    Ray groups members by the base name before the first dot of the file name and silently
-    drops names it cannot split (``../x``, ``README``); giving them an ``noext`` suffix keeps
-    them as samples, so they are skipped and counted by the decode step instead of lost.
-    """
-    folder, slash, base = name.rpartition("/")
-    if re.match(r"^[^.]+[.]", base):
-        return name
-    return f"{folder}{slash}{base.replace('.', '%2E') or '%2E'}.noext"
 
 
 TENSOR_COLUMNS = ("video", "image", "audio_mel", "audio_wave", "text_ids", "text_mask")
@@ -85,10 +74,13 @@ def resolve_tokenizer(cfg: PipelineConfig, shards: list[str]) -> str | None:
     raise ConfigError(f"text is enabled but no tokenizer was found (looked at {candidates}); set text.tokenizer")
 
 
-def decode_or_skip(key: str, members: dict[str, bytes], cfg: PipelineConfig, tokenizer: Any) -> DecodedSample | Skipped:
-    """Decode one raw sample; any failure becomes a ``Skipped`` record, never an exception."""
+def decode_or_skip(sample: RawSample, cfg: PipelineConfig, tokenizer: Any) -> DecodedSample | Skipped:
+    """Decode one raw sample; one the reader marked faulty, or any failure, becomes a ``Skipped`` record."""
+    key = sample.key
+    if sample.skip:
+        return Skipped(key, sample.skip, sample.detail)
     try:
-        return decode_sample({"__key__": key, **members}, cfg, tokenizer)
+        return decode_sample({"__key__": key, **sample.members}, cfg, tokenizer)
     except DecodeError as exc:
         return Skipped(key, exc.kind, exc.message)
     except Exception as exc:  # a decoder library failing in a way decode.py does not type yet
@@ -96,11 +88,12 @@ def decode_or_skip(key: str, members: dict[str, bytes], cfg: PipelineConfig, tok
         return Skipped(key, "decode_error", f"{type(exc).__name__}: {exc}")
 
 
-def raw_samples(batch: dict[str, np.ndarray]) -> Iterable[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of a raw webdataset batch (absent members left out)."""
+def raw_samples(batch: dict[str, np.ndarray]) -> Iterable[RawSample]:
+    """The samples of a raw batch (rows of ``tars.sample_blocks``; members absent from a row left out)."""
     members = [c for c in batch if not c.startswith("__")]
-    for i, key in enumerate(batch["__key__"]):
-        yield str(key), {ext: bytes(batch[ext][i]) for ext in members if isinstance(batch[ext][i], (bytes, bytearray))}
+    for i, key in enumerate(batch[tars.KEY]):
+        present = {ext: bytes(batch[ext][i]) for ext in members if isinstance(batch[ext][i], (bytes, bytearray))}
+        yield RawSample(str(key), present, str(batch[tars.SKIP][i]), str(batch[tars.DETAIL][i]))
 
 
 def _arrays(sample: DecodedSample) -> dict[str, np.ndarray]:
@@ -195,7 +188,7 @@ class DecodeBatches:
         self.tokenizer = load_tokenizer(tokenizer_json) if tokenizer_json else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [decode_or_skip(key, members, self.cfg, self.tokenizer) for key, members in raw_samples(batch)]
+        results = [decode_or_skip(sample, self.cfg, self.tokenizer) for sample in raw_samples(batch)]
         if self.keep_bucket is None:
             return _pack(results)
         for r in results:
@@ -349,14 +342,7 @@ def decoded_dataset(cfg: PipelineConfig, keep_bucket: str | None = None) -> tupl
         raise ConfigError(f"no bucket {keep_bucket!r} in pipeline {cfg.name}; it has {sorted(bucket_layouts(cfg))}")
     listing = list_shards(cfg.source.paths, cfg.source.storage_options)
     fs, paths = _one_filesystem(listing.shards, cfg.source.storage_options)
-    ds = ray.data.read_webdataset(
-        paths,
-        filesystem=fs,
-        decoder=None,  # keep raw bytes: decoding happens once, in the actors below
-        filerename=safe_member_name,
-        file_extensions=["tar"],
-        num_cpus=IO_TASK_CPUS,
-    )
+    ds = ray.data.read_datasource(tars.datasource(paths, fs), num_cpus=IO_TASK_CPUS)
     if not ray.is_initialized():
         ray.init()
     actor_cpus = _actor_cpus(cfg)
