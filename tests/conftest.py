@@ -148,18 +148,38 @@ def processed_root(synth_shards, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def tiny_overrides(processed_root, tmp_path) -> list[str]:
+def tiny_settings(processed_root: Path, storage: Path) -> list[str]:
     """--set keys that make a run tiny: few steps, small batches, a capped held-out eval."""
     return [
         f"data.root={processed_root}", "data.synth=null",
         f"data.pipeline={REPO / 'pipelines/moving_digits.yaml'}",
-        f"run.storage_path={tmp_path / 'ray'}", "run.name=tiny", "run.steps=8", "run.eval_every=4",
+        f"run.storage_path={storage}", "run.name=tiny", "run.steps=8", "run.eval_every=4",
         "run.log_every=2", "run.cpus_per_worker=0.5", "run.tensorboard=false",
         "eval.max_samples=24", "eval.batch_size=24", "optim.lr=2e-3", "schedule.warmup_steps=2",
+        "agd.curriculum=[]",  # the demo's stages would confine a few-step run to its first stage
         *[f"tasks.{t}.token_budget=768" for t in ("video_text", "video_audio", "audio_text")],
         *[f"tasks.{t}.token_budget=384" for t in ("image_cls", "video_cls", "audio_cls")],
     ]
+
+
+@pytest.fixture
+def tiny_overrides(processed_root, tmp_path) -> list[str]:
+    return tiny_settings(processed_root, tmp_path / "ray")
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(processed_root, tmp_path_factory) -> str:
+    """A 4-step, 1-worker Ray Train run of the tiny config, shared by the eval tests: its last checkpoint."""
+    from imp_platform.config.train import load_pretrain_config
+    from imp_platform.train.trainer import build_trainer
+
+    ensure_local_ray()
+    storage = tmp_path_factory.mktemp("trained") / "ray"
+    cfg = load_pretrain_config(REPO / "jobs/configs/pretrain.yaml", [
+        *tiny_settings(processed_root, storage), "run.steps=4", "run.num_workers=1", "run.name=evalme"])
+    result = build_trainer(cfg).fit()
+    assert result.error is None, result.error
+    return result.checkpoint.path
 
 
 @pytest.fixture

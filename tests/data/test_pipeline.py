@@ -1,4 +1,7 @@
-"""synth -> preprocess on a real local Ray: manifest counts, uniform shapes per bucket, readable parquet."""
+"""synth -> preprocess on a real local Ray: manifest counts, uniform shapes per bucket, readable parquet.
+
+The CLI's summary table and a relative output path are covered by tests/data/test_bad_input.py.
+"""
 
 from __future__ import annotations
 
@@ -25,21 +28,14 @@ def shard_keys(folder: Path) -> set[str]:
     return keys
 
 
-@pytest.fixture(scope="module")
-def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("processed") / "train"
+@pytest.fixture
+def out_dir(processed_root: Path) -> Path:
+    """The train split (96 samples) as the session's shared preprocess wrote it."""
+    return processed_root / "processed" / "train"
 
 
 @pytest.fixture
-def manifest(ray_local: None, synth_shards: dict[str, Path], out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    """One preprocess run of the train split, shared by the tests of this module.
-
-    The output path is relative to a cwd the Ray workers do not share (they keep the one
-    Ray started in), so files landing anywhere but ``out_dir`` fail the tests below.
-    """
-    if not (out_dir / "manifest.json").exists():
-        monkeypatch.chdir(out_dir.parent)
-        preprocess(load_preprocess_config(None, str(synth_shards["train"]), out_dir.name))
+def manifest(out_dir: Path) -> dict:
     return json.loads((out_dir / "manifest.json").read_text())
 
 

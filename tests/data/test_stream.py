@@ -8,27 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from imp_platform.cli import app
 from imp_platform.config import ConfigError
 from imp_platform.data.pipeline import load_preprocess_config
 from imp_platform.data.stream import BucketInfo, ProcessedDataset, raw_bucket_dataset
 
 
-@pytest.fixture(scope="module")
-def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("stream") / "test"
-
-
 @pytest.fixture
-def dataset(ray_local: None, synth_shards: dict[str, Path], out_dir: Path) -> ProcessedDataset:
-    """The test split preprocessed once through the CLI (which prints the summary table)."""
-    if not (out_dir / "manifest.json").exists():
-        result = CliRunner().invoke(app, ["data", "preprocess", "--input", str(synth_shards["test"]), "--output", str(out_dir)])
-        assert result.exit_code == 0, result.output
-        assert "total read" in result.output and "40" in result.output
-    return ProcessedDataset.open(str(out_dir))
+def dataset(ray_local: None, processed_root: Path) -> ProcessedDataset:
+    """The test split (40 samples) as the session's shared preprocess wrote it."""
+    return ProcessedDataset.open(str(processed_root / "processed" / "test"))
 
 
 def biggest(dataset: ProcessedDataset) -> BucketInfo:
@@ -94,7 +83,7 @@ def test_iter_batches_is_one_finite_pass(dataset: ProcessedDataset) -> None:
 
 
 def test_ray_dataset_and_raw_streaming_match_the_offline_rows(
-    dataset: ProcessedDataset, synth_shards: dict[str, Path], out_dir: Path
+    dataset: ProcessedDataset, synth_shards: dict[str, Path], tmp_path: Path
 ) -> None:
     info = biggest(dataset)
     offline = {str(k): v for b in dataset.iter_batches(info.name, 64, ["key", "video"]) for k, v in zip(b["key"], b["video"])}
@@ -105,7 +94,7 @@ def test_ray_dataset_and_raw_streaming_match_the_offline_rows(
     shard = sorted(synth_shards["test"].glob("*.tar"))[0]  # one shard and one actor keep it quick
     with tarfile.open(shard) as tar:
         in_shard = {name.split(".", 1)[0] for name in tar.getnames()} & set(offline)
-    cfg = load_preprocess_config(None, str(shard), str(out_dir), ["decode.num_actors=1"])
+    cfg = load_preprocess_config(None, str(shard), str(tmp_path), ["decode.num_actors=1"])
     raw = raw_bucket_dataset(cfg, info.name).take_all()
     assert in_shard and {row["key"] for row in raw} == in_shard
     for row in raw:

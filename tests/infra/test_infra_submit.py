@@ -1,5 +1,6 @@
 """End to end: the pretrain RayJob's entrypoint, read from the manifest, submitted in the same form
 (`ray job submit --working-dir <repo> -- ENTRYPOINT`) to a real `ray start --head`, on a tiny config.
+This is also the end-to-end test of `jobs/pretrain.py` (synth -> preprocess -> train -> eval -> report).
 
 Only the appended ``--set`` overrides differ from the cluster: CPU instead of GPU, local folders
 instead of the S3 bucket, and a few steps on small synthesized data (the manifest sets
@@ -8,8 +9,11 @@ instead of the S3 bucket, and a few steps on small synthesized data (the manifes
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from infra_manifests import REPO, entrypoint_argv, of_kind, rendered
@@ -48,3 +52,10 @@ def test_pretrain_rayjob_entrypoint_runs_through_ray_job_submit(ray_head, tmp_pa
     run_dir = tmp_path / "runs" / "infra-e2e"
     assert run_dir.is_dir(), f"nothing under storage_path/name:\n{log}"
     assert any(p.name.startswith("checkpoint") for p in run_dir.rglob("*")), f"no checkpoint in {run_dir}:\n{log}"
+    # The job ends by printing where its results are; the workers' progress lines reach the job log.
+    printed = {key: Path(re.search(rf"{key}:\s+(\S+)", out.stdout).group(1)) for key in ("metrics", "report", "checkpoint")}
+    assert json.loads(printed["metrics"].read_text())["step"] == 4
+    assert printed["report"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert printed["checkpoint"].parent == run_dir
+    assert re.search(r"step\s+4/4", out.stdout), log
+    assert re.search(r"peak memory \(this process and its children\): [0-9.]+ GiB PSS", out.stdout), log

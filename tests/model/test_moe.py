@@ -100,10 +100,15 @@ def test_top_k_matches_reference(pad: int, k: int) -> None:
     compare(make_layer("top_k", top_k=k), reference_top_k, batch=2, n=11, pad=pad)
 
 
-def test_expert_choice_fills_every_expert_and_reports_coverage() -> None:
+def test_expert_choice_load_is_the_real_tokens_router_preference() -> None:
     layer = make_layer("expert_choice")
-    _, stats = layer(torch.randn(1, 16, D))
-    torch.testing.assert_close(stats.load, torch.full((E,), 1 / E))
+    x, mask = torch.randn(1, 16, D), torch.arange(16).view(1, 16) < 10
+    with torch.no_grad():
+        layer.router[:, 0] = x[0, :10].mean(0) * 2  # the real tokens lean to expert 0
+    _, stats = layer(x, mask)
+    want = torch.softmax(x[0, :10] @ layer.router, dim=-1).mean(0)  # padded tokens do not count
+    torch.testing.assert_close(stats.load, want.detach())
+    assert stats.load.argmax() == 0 and stats.load[0] > 1.5 / E
     assert 0 < stats.coverage <= 1
 
 

@@ -67,7 +67,7 @@ def test_two_workers_learn_with_identical_grads_then_resume(ray_local, tiny_over
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_local, tiny_overrides, tmp_path):
     debug = tmp_path / "debug"
-    cfg = _cfg(tiny_overrides, "run.steps=24", "run.eval_every=4", "run.name=killme", "run.max_failures=2",
+    cfg = _cfg(tiny_overrides, "run.steps=12", "run.eval_every=4", "run.name=killme", "run.max_failures=2",
                f"run.worker_env={{IMP_TRAIN_DEBUG_DIR: {debug}}}")
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("result", _fit(cfg)))
@@ -83,17 +83,16 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tiny_overrides, 
     thread.join(timeout=600)
     result = outcome["result"]
     assert result.error is None
-    assert result.metrics["step"] == 24
+    assert result.metrics["step"] == 12
     starts = [int(s) for s in _lines(debug / "rank0-starts")]
     assert starts[0] == 0 and len(starts) == 2 and starts[1] >= 4 and starts[1] % 4 == 0, starts
     assert len(_lines(debug / "rank1-pids")) == 2
 
 
-def test_eval_of_a_trained_checkpoint_writes_metrics_and_report(ray_local, tiny_overrides, tmp_path):
+def test_eval_of_a_trained_checkpoint_writes_metrics_and_report(trained_checkpoint, tmp_path):
     from imp_platform.eval.run import evaluate_checkpoint
 
-    result = _fit(_cfg(tiny_overrides, "run.steps=4", "run.num_workers=1", "run.name=evalme"))
-    out = evaluate_checkpoint(result.checkpoint.path, tmp_path / "eval", max_samples=24)
+    out = evaluate_checkpoint(trained_checkpoint, tmp_path / "eval", max_samples=24)
     metrics = json.loads(out.metrics_path.read_text())
     for key in ("zeroshot_video_top1", "zeroshot_audio_top1", "zeroshot_image_top1", "retrieval_video_text_r1",
                 "retrieval_audio_text_r5", "retrieval_video_audio_r10"):

@@ -16,19 +16,17 @@ import multiprocessing as mp
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 from imp_platform.bench.common import write_results
 from imp_platform.config.pipeline import PipelineConfig
 from imp_platform.data import buckets, decode
 from imp_platform.data.pipeline import decode_or_skip, load_preprocess_config, preprocess, resolve_tokenizer
 from imp_platform.data.tars import RawSample, read_samples
+from imp_platform.memory import PeakMemory
 
 log = logging.getLogger(__name__)
 
@@ -120,47 +118,23 @@ def dataloader(cfg: PipelineConfig, shards: list[str], workers: int) -> tuple[fl
 # ------------------------------------------------------------------ (c) ours, with memory
 
 
-class PeakRSS:
-    """Samples the summed RSS of this process and all its descendants (raylet, Ray workers) in a thread."""
-
-    def __init__(self, interval: float = 0.1) -> None:
-        self.interval, self.peak_mb = interval, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> float:
-        root = psutil.Process()
-        total = 0
-        for proc in [root, *root.children(recursive=True)]:
-            try:
-                total += proc.memory_info().rss
-            except psutil.Error:
-                continue
-        return total / 2**20
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._sample())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, self._sample())
+def ours(cfg: PipelineConfig) -> tuple[float, int, dict[str, Any]]:
+    """Samples/s, samples and the manifest of one preprocess run."""
+    start = time.perf_counter()
+    manifest = preprocess(cfg)
+    seconds = time.perf_counter() - start
+    return manifest["total_read"] / seconds, manifest["total_read"], manifest
 
 
-def ours(cfg: PipelineConfig) -> tuple[float, int, float, float, dict[str, Any]]:
-    """Samples/s, samples, idle and peak RSS (MB) and the manifest of one preprocess run."""
-    idle = PeakRSS()._sample()
-    with PeakRSS() as rss:
-        start = time.perf_counter()
-        manifest = preprocess(cfg)
-        seconds = time.perf_counter() - start
-    return manifest["total_read"] / seconds, manifest["total_read"], idle, rss.peak_mb, manifest
+def ours_memory(cfg: PipelineConfig) -> tuple[int, float, PeakMemory, dict[str, Any]]:
+    """Samples, idle RSS (MB), the peak memory sampler and the manifest of one preprocess run.
+
+    Kept apart from the timed run: reading every process's smaps ten times a second costs CPU.
+    """
+    idle, _ = PeakMemory().sample()
+    with PeakMemory() as peak:
+        _, samples, manifest = ours(cfg)
+    return samples, idle, peak, manifest
 
 
 # ------------------------------------------------------------------ padding waste
@@ -263,12 +237,13 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
             ray.init(num_cpus=workers + 2, include_dashboard=False, log_to_driver=False)
         # The 1x memory run goes first: it also warms the page cache and the Ray worker pool.
         cfg1 = load_preprocess_config(None, str(work / "raw" / "train"), str(work / "out-1x"), settings)
-        _, n_1x, idle_1x, rss_1x, manifest = ours(cfg1)
-        c_rate, c_n, _, _, _ = ours(cfg)
+        n_1x, idle_1x, peak_1x, manifest = ours_memory(cfg1)
+        c_rate, c_n, _ = ours(cfg)
         log.info("(c) ours: %.2f samples/s (%d)", c_rate, c_n)
         ten_dir, _ = _replicate(work, base, "ten", MEMORY_SCALE)
         cfg10 = load_preprocess_config(None, str(ten_dir), str(work / "out-10x"), settings)
-        _, n_10x, idle_10x, rss_10x, _ = ours(cfg10)
+        n_10x, idle_10x, peak_10x, _ = ours_memory(cfg10)
+        rss_1x, rss_10x = peak_1x.peak_mb, peak_10x.peak_mb
         log.info("peak RSS %.0f MB at %d samples, %.0f MB at %d", rss_1x, n_1x, rss_10x, n_10x)
 
         result = {
@@ -288,6 +263,8 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
             "memory_samples": {"1x": n_1x, f"{MEMORY_SCALE}x": n_10x},
             "peak_rss_mb": {"1x": round(rss_1x, 1), f"{MEMORY_SCALE}x": round(rss_10x, 1)},
             "peak_rss_growth": round(rss_10x / rss_1x, 3),
+            "peak_pss_mb": {"1x": round(peak_1x.peak_pss_mb, 1), f"{MEMORY_SCALE}x": round(peak_10x.peak_pss_mb, 1)},
+            "peak_pss_growth": round(peak_10x.peak_pss_mb / peak_1x.peak_pss_mb, 3),
             # the same peaks minus the idle Ray processes measured just before each run
             "peak_rss_over_idle_mb": {"1x": round(rss_1x - idle_1x, 1), f"{MEMORY_SCALE}x": round(rss_10x - idle_10x, 1)},
             "buckets": {b["name"]: b["count"] for b in manifest["buckets"]},

@@ -58,7 +58,8 @@ def _arm(name: str, overrides: list[str], storage: str) -> dict[str, Any]:
 
 def run(quick: bool, out: Path) -> dict[str, Any]:
     """Run the three arms (quick: fewer steps and held-out samples) and write the JSON + a table."""
-    common = ["run.steps=60", "run.eval_every=60", "eval.max_samples=150"] if quick else []
+    # quick: 200 steps still cross the demo curriculum's switch to all tasks (step 100)
+    common = ["run.steps=200", "run.eval_every=200", "eval.max_samples=150"] if quick else []
     arms: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="imp-bench-train-") as storage:
         for name, overrides in ARMS.items():

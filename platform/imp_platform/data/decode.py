@@ -154,15 +154,20 @@ class VideoInfo:
     has_audio: bool
 
 
-def probe_video(data: bytes, limits: LimitsConfig | None = None) -> VideoInfo:
-    """Read the container header with PyAV and enforce ``limits`` (resolution, duration) before decoding."""
+def _open_container(data: bytes, error: type[DecodeError], what: str):
+    """A PyAV container over in-memory bytes; FFmpeg's refusal becomes ``error`` (a skip kind)."""
     import av
 
-    limits = limits or LimitsConfig()
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        return av.open(io.BytesIO(data), mode="r")
     except av.FFmpegError as exc:
-        raise CorruptVideo(f"cannot open container ({exc})") from None
+        raise error(f"cannot open {what} ({exc})") from None
+
+
+def probe_video(data: bytes, limits: LimitsConfig | None = None) -> VideoInfo:
+    """Read the container header with PyAV and enforce ``limits`` (resolution, duration) before decoding."""
+    limits = limits or LimitsConfig()
+    container = _open_container(data, CorruptVideo, "container")
     try:
         if not container.streams.video:
             raise CorruptVideo("container has no video stream")
@@ -217,13 +222,11 @@ def _decode_decord(data: bytes, size: tuple[int, int, int], fps: float | None, n
 
 def _decode_pyav(data: bytes, size: tuple[int, int, int], fps: float | None, info: VideoInfo) -> np.ndarray:
     """Sequential decode for what decord rejects; only the sampled frames are converted and kept."""
-    import av
-
     t, h, w = size
     indices = sample_indices(info.num_frames, info.fps, t, fps).tolist() if info.num_frames > 0 else None
     wanted = set(indices) if indices is not None else None
     kept: dict[int, np.ndarray] = {}
-    container = av.open(io.BytesIO(data), mode="r")
+    container = _open_container(data, CorruptVideo, "container")
     try:
         stream = container.streams.video[0]
         stream.thread_count = 1
@@ -281,10 +284,7 @@ def _check_duration(seconds: float, limits: LimitsConfig) -> None:
 def _pyav_audio(data: bytes, limits: LimitsConfig) -> tuple[np.ndarray, int]:
     import av
 
-    try:
-        container = av.open(io.BytesIO(data), mode="r")
-    except av.FFmpegError as exc:
-        raise CorruptAudio(f"cannot open audio container ({exc})") from None
+    container = _open_container(data, CorruptAudio, "audio container")
     try:
         if not container.streams.audio:
             raise EmptyAudio("no audio track")

@@ -72,7 +72,8 @@ def write_report(history: list[dict[str, Any]], out: str | Path, title: str = "i
         for index, modality in enumerate(modalities):
             ax.bar(np.arange(len(use[modality])) + index * width, use[modality], width, label=modality)
         ax.set_xticks(np.arange(experts) + 0.4 - width / 2, [f"e{i}" for i in range(experts)])
-        ax.set(title="expert use by modality (mean over MoE layers)", xlabel="expert", ylabel="fraction of tokens")
+        ax.set(title="expert use by modality (mean over MoE layers)", xlabel="expert",
+               ylabel="share of routing (EC: mean router prob.)")
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "dense model: no experts", ha="center", va="center")

@@ -24,7 +24,10 @@ class MoEStats:
     """What one MoE call reports: the weighted aux loss and per-expert load for metrics."""
 
     aux_loss: torch.Tensor
-    load: torch.Tensor  # [E] fraction of routed (token, expert) assignments, detached
+    # [E] share of the routing per expert, detached: assignments for top-k; for Expert Choice, whose
+    # picks are balanced by construction, the real tokens' mean router probability (which modality
+    # leans to which expert)
+    load: torch.Tensor
     coverage: torch.Tensor  # fraction of real tokens that reached at least one expert, detached
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted components, detached
 
@@ -192,28 +195,20 @@ class MoEFFN(nn.Module):
         offsets = torch.arange(0, groups * size, size, device=x.device).view(groups, 1, 1)
         token_idx = (idx + offsets).permute(2, 0, 1).reshape(-1)  # expert-major [E * G * C]
         gates = gates.permute(2, 0, 1).reshape(-1)
-        picked = None if valid is None else gates >= 0  # False only for padding
-        if picked is not None:
-            gates = gates.clamp_min(0.0)
+        if valid is not None:
+            gates = gates.clamp_min(0.0)  # a padding slot (score -1) adds nothing
 
         y = self._dispatch_bmm(x, token_idx, gates, groups * size)[:tokens].to(x.dtype)
 
+        real_logits, real_probs = (logits, probs) if valid is None else (logits[valid], probs[valid])
         with torch.no_grad():
-            load = self._ec_load(picked)
+            load = real_probs.mean(dim=0) if n_real else probs.new_full((experts,), 1.0 / experts)
             # Padding is picked only from invalid tokens, which coverage ignores: no need to filter it out.
             hit = torch.zeros(groups * size, dtype=torch.bool, device=x.device).index_fill_(0, token_idx, True)
             coverage = (hit if valid is None else hit[valid]).float().mean() if n_real else hit.new_zeros((), dtype=torch.float32)
         if not n_real:
             return y, self._empty_stats(load, coverage)
-        real_logits, real_probs = (logits, probs) if valid is None else (logits[valid], probs[valid])
         return y, self._stats(self._aux(real_logits, real_probs, None), load, coverage)
-
-    def _ec_load(self, picked: torch.Tensor | None) -> torch.Tensor:
-        """Share of real picks per expert; uniform (every slot real) when nothing is masked."""
-        if picked is None:
-            return torch.full((self.num_experts,), 1.0 / self.num_experts, device=self.router.device)
-        per_expert = picked.view(self.num_experts, -1).sum(dim=1).float()
-        return per_expert / per_expert.sum().clamp_min(1)
 
     def _top_k(self, x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, MoEStats]:
         """Each real token goes to its top-k experts; no capacity, nothing dropped."""

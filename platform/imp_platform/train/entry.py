@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from imp_platform.config.train import load_pretrain_config
+from imp_platform.memory import PeakMemory
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +21,13 @@ def run_pretrain(config: str | Path | None = None, overrides: list[str] | None =
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_pretrain_config(config, overrides)
     began = time.perf_counter()
-    result = pretrain(cfg)
+    with PeakMemory(interval=1.0) as memory:  # a locally started Ray runs as this process's children
+        result = pretrain(cfg)
     summary = {k: result.metrics[k] for k in HEADLINE if k in result.metrics}
     print(f"\npretraining {cfg.run.name} done in {time.perf_counter() - began:.0f}s at step "
           f"{result.metrics.get('step')}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    print(f"peak memory (this process and its children): {memory.peak_pss_mb / 1024:.1f} GiB PSS, "
+          f"{memory.peak_mb / 1024:.1f} GiB summed RSS")
     print(f"checkpoint: {result.checkpoint}")
     print(f"metrics:    {result.metrics_path}")
     print(f"report:     {result.report_path}")

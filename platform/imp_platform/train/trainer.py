@@ -93,6 +93,8 @@ def ensure_ray(cfg: PretrainConfig, attempts: int = 3) -> None:
 
     Locally we declare more logical CPUs than cores, so fractional-CPU train workers and Ray
     Data's decode tasks can run side by side on a 2-core box (REFERENCE.md, Ray 2.60 facts).
+    The dashboard stays on: besides the UI, it serves the State API, without which Ray Train's
+    placement-group cleaner logs a warning every second or two of the run.
     """
     import ray
 
@@ -103,7 +105,7 @@ def ensure_ray(cfg: PretrainConfig, attempts: int = 3) -> None:
             if os.environ.get("RAY_ADDRESS"):
                 ray.init()
             else:
-                ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, include_dashboard=False,
+                ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, include_dashboard=True,
                          runtime_env={"env_vars": {"PYTHONPATH": str(PLATFORM_DIR)}})
             return
         except Exception as exc:  # a raylet that times out on a busy box: Ray raises a bare Exception
