@@ -129,7 +129,7 @@ def ours(cfg: PipelineConfig) -> tuple[float, int, dict[str, Any]]:
 def ours_memory(cfg: PipelineConfig) -> tuple[int, float, PeakMemory, dict[str, Any]]:
     """Samples, idle RSS (MB), the peak memory sampler and the manifest of one preprocess run.
 
-    Kept apart from the timed run: reading every process's smaps ten times a second costs CPU.
+    Kept apart from the timed run: reading every process's smaps_rollup ten times a second costs CPU.
     """
     idle, _ = PeakMemory().sample()
     with PeakMemory() as peak:

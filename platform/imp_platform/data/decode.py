@@ -154,7 +154,7 @@ class VideoInfo:
     has_audio: bool
 
 
-def _open_container(data: bytes, error: type[DecodeError], what: str):
+def _open_container(data: bytes, error: type[DecodeError], what: str) -> Any:
     """A PyAV container over in-memory bytes; FFmpeg's refusal becomes ``error`` (a skip kind)."""
     import av
 
