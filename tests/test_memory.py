@@ -1,4 +1,4 @@
-"""The data benchmark's memory probe: it sees a child process's memory, both as RSS and as PSS."""
+"""PeakMemory (imp_platform.memory): it sees a child process's memory, both as RSS and as PSS."""
 
 from __future__ import annotations
 
