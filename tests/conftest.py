@@ -136,16 +136,27 @@ def synth_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def processed_root(synth_shards, tmp_path_factory) -> Path:
     """``ROOT/raw`` -> the synth shards, ``ROOT/processed/{train,test}`` preprocessed once per session."""
-    from imp_platform.config.train import load_pretrain_config
     from imp_platform.train.trainer import prepare_data
 
     ensure_local_ray()
     root = tmp_path_factory.mktemp("processed")
     (root / "raw").symlink_to(synth_shards["root"], target_is_directory=True)
-    prepare_data(load_pretrain_config(REPO / "jobs/configs/pretrain.yaml",
-                                      [f"data.root={root}", "data.synth=null",
-                                       f"data.pipeline={REPO / 'pipelines/moving_digits.yaml'}"]))
+    assert prepare_data(processed_config(root)), "nothing was preprocessed"
     return root
+
+
+def processed_config(root: Path):
+    """The pretrain config whose data lives under ``root`` (raw shards in ``root/raw``, no synth)."""
+    from imp_platform.config.train import load_pretrain_config
+
+    return load_pretrain_config(REPO / "jobs/configs/pretrain.yaml", [
+        f"data.root={root}", "data.synth=null", f"data.pipeline={REPO / 'pipelines/moving_digits.yaml'}"])
+
+
+@pytest.fixture
+def processed_cfg(processed_root):
+    """The pretrain config of the session's ``processed_root`` data."""
+    return processed_config(processed_root)
 
 
 def tiny_settings(processed_root: Path, storage: Path) -> list[str]:

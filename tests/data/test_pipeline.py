@@ -82,3 +82,13 @@ def test_missing_source_fails_at_once_with_a_clear_message(tmp_path: Path) -> No
     result = CliRunner().invoke(app, ["data", "preprocess", "--input", str(missing), "--output", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "source path not found" in result.output
+
+
+def test_prepare_data_leaves_processed_splits_alone(processed_cfg) -> None:
+    """A second run finds every split's manifest and preprocesses nothing (and says so)."""
+    from imp_platform.train.trainer import prepare_data
+
+    manifest = Path(processed_cfg.data.processed_path(processed_cfg.data.train_split)) / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    assert prepare_data(processed_cfg) is False
+    assert manifest.stat().st_mtime_ns == before

@@ -2,9 +2,10 @@
 (`ray job submit --working-dir <repo> -- ENTRYPOINT`) to a real `ray start --head`, on a tiny config.
 This is also the end-to-end test of `jobs/pretrain.py` (synth -> preprocess -> train -> eval -> report).
 
-Only the appended ``--set`` overrides differ from the cluster: CPU instead of GPU, local folders
-instead of the S3 bucket, and a few steps on small synthesized data (the manifest sets
-``data.synth=null``; the overrides turn synthesis back on).
+Only the appended ``--set`` overrides differ from the cluster: CPU instead of GPU, a moto S3
+server instead of the real bucket for the Ray Train storage (checkpoints written there by both
+workers, read back for the final report), a local data folder, and a few steps on small
+synthesized data (the manifest sets ``data.synth=null``; the overrides turn synthesis back on).
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ import json
 import re
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
+import s3fs
 from infra_manifests import REPO, entrypoint_argv, of_kind, rendered
 
 
-def _tiny(tmp_path) -> list[str]:
+def _tiny(tmp_path, s3: dict) -> list[str]:
     return [
         "run.use_gpu=false", "run.num_workers=2", "run.steps=4", "run.eval_every=4", "run.name=infra-e2e",
-        f"run.storage_path={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}",
+        f"run.storage_path=s3://{s3['bucket']}/runs", f"run.storage_options={json.dumps(s3['storage_options'])}",
+        f"data.root={tmp_path / 'data'}",
         "data.synth.train_samples=64", "data.synth.test_samples=32", "data.synth.shards=2", "eval.max_samples=32",
     ]
 
@@ -39,23 +41,27 @@ def _submit(command: list[str], env: dict[str, str], timeout: float = 600) -> su
 
 
 @pytest.mark.slow
-def test_pretrain_rayjob_entrypoint_runs_through_ray_job_submit(ray_head, tmp_path):
+def test_pretrain_rayjob_entrypoint_runs_through_ray_job_submit(ray_head, s3_server, tmp_path):
     (job,) = [j for j in of_kind(rendered("base"), "RayJob") if j["metadata"]["name"] == "imp-pretrain"]
     argv = entrypoint_argv(job)
-    overrides = [arg for item in _tiny(tmp_path) for arg in ("--set", item)]
+    overrides = [arg for item in _tiny(tmp_path, s3_server) for arg in ("--set", item)]
     # On the cluster runtimeEnvYAML's working_dir is the image's copy of the repo; here it is the repo.
     command = [ray_head["ray"], "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
                "--", *argv, *overrides]
     out = _submit(command, ray_head["env"])
     log = (out.stdout + out.stderr)[-6000:]
     assert out.returncode == 0 and "succeeded" in out.stdout, log
-    run_dir = tmp_path / "runs" / "infra-e2e"
-    assert run_dir.is_dir(), f"nothing under storage_path/name:\n{log}"
-    assert any(p.name.startswith("checkpoint") for p in run_dir.rglob("*")), f"no checkpoint in {run_dir}:\n{log}"
+    # Both ranks' checkpoint files landed in the bucket (rank 1 writes its data cursor).
+    bucket = s3fs.S3FileSystem(**s3_server["storage_options"])
+    run_dir = f"{s3_server['bucket']}/runs/infra-e2e"
+    saved = {p.rsplit("/", 1)[-1] for p in bucket.find(f"{run_dir}/checkpoint_0000004")}
+    assert {"model.safetensors", "cursor-rank-001-of-002.pt"} <= saved, f"checkpoint in {run_dir}: {saved}\n{log}"
     # The job ends by printing where its results are; the workers' progress lines reach the job log.
-    printed = {key: Path(re.search(rf"{key}:\s+(\S+)", out.stdout).group(1)) for key in ("metrics", "report", "checkpoint")}
-    assert json.loads(printed["metrics"].read_text())["step"] == 4
-    assert printed["report"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert printed["checkpoint"].parent == run_dir
+    printed = {key: re.search(rf"{key}:\s+(\S+)", out.stdout).group(1) for key in ("metrics", "report", "checkpoint")}
+    assert printed["checkpoint"] == f"s3://{run_dir}/checkpoint_0000004"
+    # metrics.json and the PNG report sit beside the checkpoints, in the bucket.
+    assert printed["metrics"] == f"s3://{run_dir}/report/metrics.json"
+    assert json.loads(bucket.cat(printed["metrics"]))["step"] == 4
+    assert bucket.cat(printed["report"])[:8] == b"\x89PNG\r\n\x1a\n"
     assert re.search(r"step\s+4/4", out.stdout), log
     assert re.search(r"peak memory \(this process and its children\): [0-9.]+ GiB PSS", out.stdout), log

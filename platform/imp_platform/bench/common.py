@@ -11,7 +11,8 @@ import os
 import platform as std_platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,46 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> di
         fn()
         samples.append(time.perf_counter() - start)
     return {"median_s": statistics.median(samples), "min_s": min(samples), "mean_s": statistics.fmean(samples)}
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Items/s of a stream, end to end and in steady state (from its first output to its last).
+
+    Start-up (worker processes, imports) is a fixed cost that a short benchmark input
+    over-weights; the steady rate is what a long run approaches, the end-to-end one what a
+    short run gets. Both are reported.
+    """
+
+    items: int
+    seconds: float
+    first_output_s: float
+    first_items: int
+
+    @classmethod
+    def measure(cls, counts: Iterable[int]) -> Throughput:
+        """Consume ``counts`` (items per output as they arrive) and time it."""
+        start = time.perf_counter()
+        first_s, first, items = 0.0, 0, 0
+        for n in counts:
+            if not first:
+                first_s, first = time.perf_counter() - start, n
+            items += n
+        return cls(items, time.perf_counter() - start, first_s, first)
+
+    @property
+    def rate(self) -> float:
+        return self.items / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_rate(self) -> float:
+        """Items after the first output over the time after it (the end-to-end rate if one output)."""
+        after = self.seconds - self.first_output_s
+        return (self.items - self.first_items) / after if self.items > self.first_items and after > 0 else self.rate
+
+    def summary(self) -> dict[str, float]:
+        return {"samples": self.items, "seconds": round(self.seconds, 3), "first_output_s": round(self.first_output_s, 3),
+                "samples_per_s": round(self.rate, 3), "steady_samples_per_s": round(self.steady_rate, 3)}
 
 
 def machine_info() -> dict[str, Any]:

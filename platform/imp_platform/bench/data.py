@@ -3,8 +3,10 @@
 (a) ceiling: the same decode functions (decord video, soundfile/torchaudio audio, tokenizers,
 PIL) called straight from tar files, one process per core, no framework; (b) what users pick
 instead: torch DataLoader + webdataset with the same decode step and the same number of
-workers; (c) our pipeline: tar shard reader -> decode actors -> bucketed parquet + manifest
-(it also writes its output, the others only decode). Also the padding waste of bucketed
+workers; (c) our pipeline doing the same work: tar shard reader -> decode actors -> bucketed
+rows consumed by the driver (as training streams from raw shards), and once more as a full
+preprocess that also writes parquet + manifest. Rates are reported in steady state (from the
+first output on: the targets) and end to end (start-up included). Also the padding waste of bucketed
 batches vs native shapes padded to the batch maximum, and the peak RSS of the driver plus
 every Ray process at 1x and 10x the input (10x = the same shards listed ten times).
 """
@@ -16,15 +18,14 @@ import multiprocessing as mp
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from imp_platform.bench.common import write_results
+from imp_platform.bench.common import Throughput, write_results
 from imp_platform.config.pipeline import PipelineConfig
 from imp_platform.data import buckets, decode
-from imp_platform.data.pipeline import decode_or_skip, load_preprocess_config, preprocess, resolve_tokenizer
+from imp_platform.data.pipeline import decode_or_skip, decoded_dataset, load_preprocess_config, preprocess, resolve_tokenizer
 from imp_platform.data.tars import RawSample, read_samples
 from imp_platform.memory import PeakMemory
 
@@ -71,13 +72,15 @@ def _video_only_shard(path: str) -> int:
     return count
 
 
-def ceiling(cfg: PipelineConfig, shards: list[str], workers: int, fn: Any = _decode_shard) -> tuple[float, int]:
-    """Samples/s of ``fn`` over the shards in a plain process pool (one process per core)."""
+def _pool_counts(cfg: PipelineConfig, shards: list[str], workers: int, fn: Any) -> Iterator[int]:
     tokenizer = resolve_tokenizer(cfg, shards)
-    start = time.perf_counter()
     with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg, tokenizer)) as pool:
-        count = sum(pool.imap_unordered(fn, shards))
-    return count / (time.perf_counter() - start), count
+        yield from pool.imap_unordered(fn, shards)
+
+
+def ceiling(cfg: PipelineConfig, shards: list[str], workers: int, fn: Any = _decode_shard) -> Throughput:
+    """``fn`` over the shards in a plain process pool (one process per core); one output per shard."""
+    return Throughput.measure(_pool_counts(cfg, shards, workers, fn))
 
 
 # ------------------------------------------------------------------ (b) DataLoader + webdataset
@@ -102,28 +105,42 @@ def _torch_worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def dataloader(cfg: PipelineConfig, shards: list[str], workers: int) -> tuple[float, int]:
-    """Samples/s of torch DataLoader(num_workers) over webdataset with the same decode step."""
+def _loader_counts(cfg: PipelineConfig, shards: list[str], workers: int) -> Iterator[int]:
     import webdataset as wds
     from torch.utils.data import DataLoader
 
-    tokenizer = resolve_tokenizer(cfg, shards)
-    dataset = wds.WebDataset(shards, shardshuffle=False, empty_check=False).map(_WdsDecode(cfg, tokenizer))
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=_torch_worker_init)
-    start = time.perf_counter()
-    count = sum(1 for _ in loader)
-    return count / (time.perf_counter() - start), count
+    dataset = wds.WebDataset(shards, shardshuffle=False, empty_check=False).map(_WdsDecode(cfg, resolve_tokenizer(cfg, shards)))
+    yield from DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=_torch_worker_init)
+
+
+def dataloader(cfg: PipelineConfig, shards: list[str], workers: int) -> Throughput:
+    """torch DataLoader(num_workers) over webdataset with the same decode step; one output per sample."""
+    return Throughput.measure(_loader_counts(cfg, shards, workers))
 
 
 # ------------------------------------------------------------------ (c) ours, with memory
 
 
-def ours(cfg: PipelineConfig) -> tuple[float, int, dict[str, Any]]:
-    """Samples/s, samples and the manifest of one preprocess run."""
-    start = time.perf_counter()
-    manifest = preprocess(cfg)
-    seconds = time.perf_counter() - start
-    return manifest["total_read"] / seconds, manifest["total_read"], manifest
+def _stream_counts(cfg: PipelineConfig) -> Iterator[int]:
+    ds, _ = decoded_dataset(cfg)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield batch.num_rows
+
+
+def ours_stream(cfg: PipelineConfig) -> Throughput:
+    """The pipeline doing what the baselines do: read -> decode actors -> bucketed rows, consumed here."""
+    return Throughput.measure(_stream_counts(cfg))
+
+
+def ours(cfg: PipelineConfig) -> tuple[Throughput, dict[str, Any]]:
+    """One full preprocess run (decode, bucket, write parquet + manifest) and its manifest."""
+    manifest: dict[str, Any] = {}
+
+    def run_once() -> Iterator[int]:
+        manifest.update(preprocess(cfg))
+        yield manifest["total_read"]
+
+    return Throughput.measure(run_once()), manifest
 
 
 def ours_memory(cfg: PipelineConfig) -> tuple[int, float, PeakMemory, dict[str, Any]]:
@@ -133,8 +150,8 @@ def ours_memory(cfg: PipelineConfig) -> tuple[int, float, PeakMemory, dict[str, 
     """
     idle, _ = PeakMemory().sample()
     with PeakMemory() as peak:
-        _, samples, manifest = ours(cfg)
-    return samples, idle, peak, manifest
+        timed, manifest = ours(cfg)
+    return timed.items, idle, peak, manifest
 
 
 # ------------------------------------------------------------------ padding waste
@@ -170,7 +187,7 @@ def padding_waste(cfg: PipelineConfig, shards: list[str], output: str) -> dict[s
 
     tokenizer = decode.load_tokenizer(resolve_tokenizer(cfg, shards))
     native = [_native_tokens(s.key, s.members, cfg, tokenizer) for shard in shards for s in _tar_samples(shard)]
-    padded = total = 0
+    padded = total = text_slots = 0
     dataset = ProcessedDataset.open(output)
     for info in dataset.buckets:
         for batch in dataset.iter_batches(info.name, PAD_BATCH, ["text_mask"] if "text_mask" in info.columns else ["key"]):
@@ -178,14 +195,31 @@ def padding_waste(cfg: PipelineConfig, shards: list[str], output: str) -> dict[s
             total += n * info.tokens_per_sample
             if "text_mask" in batch:
                 padded += int((~batch["text_mask"]).sum())  # the only padding: text up to its length bucket
+                text_slots += batch["text_mask"].size
     return {
         "padding_waste_bucketed": padded / total if total else 0.0,
+        # video, audio and image are resampled to their bucket's exact shape: no padding at all
+        "padding_waste_bucketed_text_only": padded / text_slots if text_slots else 0.0,
         "padding_waste_pad_to_max": buckets.padding_waste_pad_to_max(native, PAD_BATCH),
         "padding_batch_size": PAD_BATCH,
     }
 
 
 # ------------------------------------------------------------------ driver
+
+
+def _ratios(runs: dict[str, Throughput]) -> dict[str, float]:
+    """Ours over each baseline: steady state (the targets; start-up is a fixed cost a long run
+    amortizes) and end to end (what this short input gets, Ray's decode actors' start included)."""
+    ours_run = runs["c_ray_data_pipeline"]
+    out: dict[str, float] = {}
+    for key, base in (("dataloader", "b_dataloader_webdataset"), ("ceiling", "a_ceiling_same_decode"),
+                      ("ceiling_video_only", "a_ceiling_video_only")):
+        out[f"ratio_vs_{key}"] = round(ours_run.steady_rate / runs[base].steady_rate, 3)
+        out[f"ratio_vs_{key}_end_to_end"] = round(ours_run.rate / runs[base].rate, 3)
+    out["ratio_preprocess_with_write_vs_dataloader_end_to_end"] = round(
+        runs["c_preprocess_with_write"].rate / runs["b_dataloader_webdataset"].rate, 3)
+    return out
 
 
 def _input(root: Path, quick: bool) -> list[str]:
@@ -212,8 +246,10 @@ def _replicate(root: Path, shards: list[str], name: str, times: int) -> tuple[Pa
 def run(quick: bool, out: Path) -> dict[str, Any]:
     """Measure (a), (b), (c), padding waste and peak RSS at 1x/10x; write and return the JSON.
 
-    Speeds use the synth shards repeated (2x quick, 8x full) so fixed start-up costs (Ray
-    actors import torch, decord, PyAV) weigh as they would on a real input.
+    Speeds use the synth shards repeated (2x quick, 8x full). All three start warm as far as
+    each allows: the baselines fork from this process after it imported the decoders; Ray's
+    decode actors are new processes each run and import torch, torchaudio and decord
+    themselves (~5 s on 2 cores), which the end-to-end figures include.
     """
     import ray
 
@@ -227,19 +263,19 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         # Import the decoders here once so forked baseline workers start warm (Ray actors import their own).
         decode_or_skip(next(_tar_samples(base[0])), cfg, decode.load_tokenizer(resolve_tokenizer(cfg, base)))
         # The baselines fork worker processes: run them before Ray starts its threads here.
-        a_rate, a_n = ceiling(cfg, speed, workers)
-        log.info("(a) ceiling: %.2f samples/s (%d)", a_rate, a_n)
-        v_rate, _ = ceiling(cfg, speed, workers, _video_only_shard)
-        log.info("(a) video only: %.2f samples/s", v_rate)
-        b_rate, b_n = dataloader(cfg, speed, workers)
-        log.info("(b) DataLoader+webdataset: %.2f samples/s (%d)", b_rate, b_n)
+        runs = {"a_ceiling_same_decode": ceiling(cfg, speed, workers),
+                "a_ceiling_video_only": ceiling(cfg, speed, workers, _video_only_shard),
+                "b_dataloader_webdataset": dataloader(cfg, speed, workers)}
         if not ray.is_initialized():
             ray.init(num_cpus=workers + 2, include_dashboard=False, log_to_driver=False)
         # The 1x memory run goes first: it also warms the page cache and the Ray worker pool.
         cfg1 = load_preprocess_config(None, str(work / "raw" / "train"), str(work / "out-1x"), settings)
         n_1x, idle_1x, peak_1x, manifest = ours_memory(cfg1)
-        c_rate, c_n, _ = ours(cfg)
-        log.info("(c) ours: %.2f samples/s (%d)", c_rate, c_n)
+        runs["c_ray_data_pipeline"] = ours_stream(cfg)
+        runs["c_preprocess_with_write"] = ours(cfg)[0]
+        for name, timed in runs.items():
+            log.info("%s: %.1f samples/s steady, %.1f end to end (%d samples, first output after %.1f s)",
+                     name, timed.steady_rate, timed.rate, timed.items, timed.first_output_s)
         ten_dir, _ = _replicate(work, base, "ten", MEMORY_SCALE)
         cfg10 = load_preprocess_config(None, str(ten_dir), str(work / "out-10x"), settings)
         n_10x, idle_10x, peak_10x, _ = ours_memory(cfg10)
@@ -249,16 +285,11 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         result = {
             "quick": quick,
             "cores": workers,
-            "speed_samples": c_n,
-            "samples_per_s": {
-                "a_ceiling_same_decode": round(a_rate, 3),
-                "a_ceiling_video_only": round(v_rate, 3),
-                "b_dataloader_webdataset": round(b_rate, 3),
-                "c_ray_data_pipeline": round(c_rate, 3),
-            },
-            "ratio_vs_dataloader": round(c_rate / b_rate, 3),
-            "ratio_vs_ceiling": round(c_rate / a_rate, 3),
-            "ratio_vs_ceiling_video_only": round(c_rate / v_rate, 3),
+            "speed_samples": runs["c_ray_data_pipeline"].items,
+            "samples_per_s": {name: round(timed.steady_rate, 3) for name, timed in runs.items()},
+            "samples_per_s_end_to_end": {name: round(timed.rate, 3) for name, timed in runs.items()},
+            "runs": {name: timed.summary() for name, timed in runs.items()},
+            **_ratios(runs),
             **padding_waste(cfg1, base, cfg1.output.path),
             "memory_samples": {"1x": n_1x, f"{MEMORY_SCALE}x": n_10x},
             "peak_rss_mb": {"1x": round(rss_1x, 1), f"{MEMORY_SCALE}x": round(rss_10x, 1)},

@@ -131,7 +131,7 @@ class RunConfig(StrictModel):
     name: str = "pretrain"
     storage_path: str = "runs/ray"
     storage_options: dict[str, Any] | None = None
-    num_workers: int = Field(2, ge=0)  # 0 = Ray Train local mode (one process, no Ray actors)
+    num_workers: int = Field(2, ge=0)  # 0 = Ray Train local mode (one process, no actors, no checkpoints kept)
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int | None = None  # None = max(1, floor(cpus_per_worker))
     use_gpu: bool = False

@@ -342,7 +342,9 @@ def decoded_dataset(cfg: PipelineConfig, keep_bucket: str | None = None) -> tupl
         raise ConfigError(f"no bucket {keep_bucket!r} in pipeline {cfg.name}; it has {sorted(bucket_layouts(cfg))}")
     listing = list_shards(cfg.source.paths, cfg.source.storage_options)
     fs, paths = _one_filesystem(listing.shards, cfg.source.storage_options)
-    ds = ray.data.read_datasource(tars.datasource(paths, fs), num_cpus=IO_TASK_CPUS)
+    # One read task per shard, its blocks not split further: Ray's default targets 200 blocks and
+    # would cut each small shard into a few rows per block, which costs more than it spreads.
+    ds = ray.data.read_datasource(tars.datasource(paths, fs), num_cpus=IO_TASK_CPUS, override_num_blocks=len(paths))
     if not ray.is_initialized():
         ray.init()
     actor_cpus = _actor_cpus(cfg)

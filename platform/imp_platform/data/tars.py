@@ -21,8 +21,9 @@ DUPLICATE_MEMBER = "duplicate_member"
 DUPLICATE_KEY = "duplicate_key"
 # Columns of a raw block besides one bytes column per member extension.
 KEY, URL, SKIP, DETAIL = "__key__", "__url__", "__skip__", "__skip_detail__"
-# Samples per block, as Ray's WEBDATASET_READ_CHUNK_SIZE: bounds a read task's memory.
-READ_BLOCK_ROWS = 512
+# Samples per raw block: bounds a read task's memory, and small enough (~10 MB of media) that
+# one big shard's blocks spread over every decode actor instead of queueing at one.
+READ_BLOCK_ROWS = 64
 
 
 @dataclass
@@ -151,12 +152,15 @@ def read_samples(fileobj: IO[bytes], url: str) -> Iterator[RawSample]:
 
 
 def sample_blocks(fileobj: IO[bytes], url: str, rows: int = READ_BLOCK_ROWS) -> Iterator[Any]:
-    """Raw blocks (pandas DataFrames of at most ``rows`` samples) of one shard."""
-    import pandas as pd
+    """Raw blocks (Arrow tables of at most ``rows`` samples; a member a sample lacks is null) of one shard."""
+    import pyarrow as pa
 
     samples = read_samples(fileobj, url)
     while chunk := list(itertools.islice(samples, rows)):
-        yield pd.DataFrame.from_records([s.row(url) for s in chunk])
+        records = [s.row(url) for s in chunk]
+        # Every column any sample has (``Table.from_pylist`` would take the first row's keys only).
+        columns = dict.fromkeys(name for record in records for name in record)
+        yield pa.table({name: [record.get(name) for record in records] for name in columns})
 
 
 def datasource(paths: list[str], fs: Any) -> Any:

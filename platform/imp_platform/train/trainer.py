@@ -22,10 +22,10 @@ PLATFORM_DIR = Path(__file__).resolve().parents[2]
 
 @dataclass
 class PretrainResult:
-    checkpoint: str | None  # path (local or URI) of the latest checkpoint
+    checkpoint: str | None  # path (local) or URI of the latest checkpoint
     metrics: dict[str, Any]  # the last reported metrics (includes the final held-out eval)
-    metrics_path: Path | None = None  # metrics.json of the final eval
-    report_path: Path | None = None  # the PNG report
+    metrics_path: str | None = None  # metrics.json of the final eval (path or URI, beside the checkpoints)
+    report_path: str | None = None  # the PNG report
 
 
 def _storage(cfg: PretrainConfig) -> tuple[str, Any]:
@@ -51,6 +51,9 @@ def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any
     from imp_platform.train.loop import train_loop_per_worker
 
     cfg = absolute_paths(cfg)
+    if cfg.run.num_workers == 0:
+        log.warning("run.num_workers=0: Ray Train local mode runs in this process and persists no checkpoints "
+                    "(nothing to resume or evaluate afterwards); use 1+ workers for a real run")
     if run_config is None:
         storage_path, storage_fs = _storage(cfg)
         run_config = RunConfig(
@@ -122,12 +125,16 @@ def _exists(url: str, storage_options: dict | None) -> bool:
     return fs.exists(path)
 
 
-def prepare_data(cfg: PretrainConfig) -> None:
-    """Make the processed train and eval splits if missing: synth shards (if configured), then preprocess."""
+def prepare_data(cfg: PretrainConfig) -> bool:
+    """Make the processed train and eval splits if missing: synth shards (if configured), then preprocess.
+
+    Returns whether anything was preprocessed.
+    """
     from imp_platform.config.pipeline import PipelineConfig
     from imp_platform.data.manifest import MANIFEST_NAME
     from imp_platform.data.pipeline import preprocess
 
+    ran = False
     for split in dict.fromkeys([cfg.data.train_split, cfg.data.eval_split, *(t.split for t in cfg.tasks.values())]):
         processed = cfg.data.processed_path(split)
         if _exists(f"{processed}/{MANIFEST_NAME}", cfg.data.storage_options):
@@ -147,28 +154,55 @@ def prepare_data(cfg: PretrainConfig) -> None:
                                [f"source.paths=[{raw}]", f"output.path={processed}"])
         log.info("preprocessing %s -> %s", raw, processed)
         preprocess(pipeline)
+        ran = True
+    return ran
 
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Prepare data, train on Ray, write metrics.json and the PNG report of the final eval."""
+    import ray
+
+    own_local_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     ensure_ray(cfg)
-    prepare_data(cfg)
+    if prepare_data(cfg) and own_local_ray:
+        # Preprocessing leaves idle Ray workers behind (~0.5 GB each: Ray Data imported, object-store
+        # pages mapped) that would sit beside training all run; on a laptop a fresh local Ray is cheaper.
+        log.info("restarting the local Ray so preprocessing's idle workers do not stay beside training")
+        ray.shutdown()
+        ensure_ray(cfg)
     result = build_trainer(cfg).fit()
     checkpoint = result.checkpoint
     metrics = dict(result.metrics or {})
-    out = PretrainResult(checkpoint=checkpoint.path if checkpoint else None, metrics=metrics)
+    out = PretrainResult(checkpoint=_uri(cfg, checkpoint.path) if checkpoint else None, metrics=metrics)
     if checkpoint is not None and cfg.eval.report:
-        from imp_platform.eval.run import write_outputs
         from imp_platform.train.checkpoint import load_history
 
         with checkpoint.as_directory() as directory:
             history = load_history(directory)
-        out.metrics_path, out.report_path = write_outputs(metrics, history, report_dir(cfg), title=cfg.run.name)
+        out.metrics_path, out.report_path = publish_report(cfg, metrics, history)
     return out
 
 
-def report_dir(cfg: PretrainConfig) -> Path:
-    """Local folder for metrics.json and the PNG (beside local checkpoints, else under runs/)."""
-    if "://" in cfg.run.storage_path:
-        return Path("runs") / cfg.run.name / "report"
-    return Path(cfg.run.storage_path).resolve() / cfg.run.name / "report"
+def _uri(cfg: PretrainConfig, path: str) -> str:
+    """A checkpoint path as users pass it on: Ray drops the scheme when it is handed a filesystem."""
+    scheme, sep, _ = cfg.run.storage_path.partition("://")
+    return f"{scheme}://{path}" if sep and "://" not in path else path
+
+
+def publish_report(cfg: PretrainConfig, metrics: dict[str, Any], history: list[dict[str, Any]]) -> tuple[str, str]:
+    """metrics.json and report.png in ``storage_path/name/report``, beside the checkpoints, local or s3://."""
+    import tempfile
+
+    from imp_platform.data.sources import filesystem
+    from imp_platform.eval.run import write_outputs
+
+    target = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/report"
+    if "://" not in target:
+        local = write_outputs(metrics, history, Path(target).resolve(), title=cfg.run.name)
+        return str(local[0]), str(local[1])
+    fs, base = filesystem(target, cfg.run.storage_options)
+    fs.makedirs(base, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in write_outputs(metrics, history, tmp, title=cfg.run.name):
+            fs.put_file(str(path), f"{base}/{path.name}")
+    return f"{target}/metrics.json", f"{target}/report.png"
