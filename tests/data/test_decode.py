@@ -285,9 +285,12 @@ def test_decode_sample_builds_a_contract_row(cfg, sample) -> None:
     assert out.key == "train-000005" and row["label"] == meta["label"] and row["caption"] == meta["caption"]
     assert row["direction"] == ["left", "right", "up", "down"].index(meta["direction"])
     assert row["video"].shape[0] == 8 and row["video"].shape[1:3] == row["image"].shape[:2]
-    assert row["audio_mel"].shape[1] == 128 and row["text_ids"].shape == row["text_mask"].shape == (16,)
+    tokens = len(tokenizer.encode(meta["caption"]).ids)
+    text_len = min(n for n in cfg.text.length_buckets if n >= tokens)  # the caption's length bucket
+    assert row["audio_mel"].shape[1] == 128 and row["text_ids"].shape == row["text_mask"].shape == (text_len,)
+    assert row["text_mask"].sum() == tokens
     assert out.shapes == {k: list(row[k].shape) for k in ("video", "image", "audio_mel", "text_ids")}
-    assert out.bucket.startswith("v8x") and out.bucket.endswith("_t16")
+    assert out.bucket.startswith("v8x") and out.bucket.endswith(f"_t{text_len}")
 
 
 def test_decode_sample_takes_audio_from_the_video_track(cfg, sample) -> None:

@@ -74,6 +74,34 @@ def test_resume_from_state_dict_continues_exactly(dataset: ProcessedDataset) -> 
         other.load_state_dict(state)
 
 
+def test_views_merge_buckets_by_the_shapes_of_the_columns_read(dataset: ProcessedDataset) -> None:
+    by_video = dataset.views(["key", "video"])
+    video_shapes = {tuple(b.shape["video"]) for b in dataset.buckets}
+    assert sorted(tuple(v.shape["video"]) for v in by_video) == sorted(video_shapes)  # one view per video shape
+    assert sum(v.count for v in by_video) == 40 and len(by_video) < len(dataset.buckets)
+    view = max(by_video, key=lambda v: v.count)
+    parts = [b for b in dataset.buckets if b.shape["video"] == view.shape["video"]]
+    assert len(parts) > 1 and view.count == sum(b.count for b in parts)
+    # one epoch of the view's stream is exactly its parts' rows, at one video shape
+    stream = dataset.stream(view, batch_size=1, columns=["key", "video"], seed=0)
+    keys = []
+    for _ in range(view.count):
+        batch = next(stream)
+        assert batch["video"].shape == (1, *view.shape["video"])
+        keys.append(str(batch["key"][0]))
+    want = {str(k) for b in parts for batch in dataset.iter_batches(b, 64, ["key"]) for k in batch["key"]}
+    assert sorted(keys) == sorted(want)
+    with pytest.raises(KeyError, match="audio_mel"):
+        dataset.stream(view, batch_size=1, columns=["audio_mel"])  # a view holds only its columns
+
+    by_text = dataset.views(["video", "text_ids", "text_mask"])
+    for v in by_text:  # text of one length per view: no batch pads a caption
+        batch = next(dataset.stream(v, batch_size=1, columns=["text_mask"]))
+        assert batch["text_mask"].all() and v.name.endswith(f"_t{v.shape['text_ids'][0]}")
+    assert dataset.views(["key"], buckets=[view.name]) == []  # filtered by stored bucket names
+    assert len(dataset.views(["key"], buckets=[parts[0].name])) == 1
+
+
 def test_iter_batches_is_one_finite_pass(dataset: ProcessedDataset) -> None:
     info = biggest(dataset)
     batches = list(dataset.iter_batches(info.name, batch_size=4, columns=["key", "image"]))

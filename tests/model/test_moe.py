@@ -32,7 +32,7 @@ def reference_expert_choice(layer: MoEFFN, x: torch.Tensor, valid: list[bool]) -
     groups = math.ceil(tokens / cfg.group_size)
     size = math.ceil(tokens / groups)
     capacity = min(size, max(1, math.ceil(size * cfg.capacity_factor / E)))
-    probs = torch.softmax(x.float() @ layer.router, dim=-1)
+    probs = torch.softmax(x.float() @ layer.router.T, dim=-1)
     out = [torch.zeros(D) for _ in range(tokens)]
     for g in range(groups):
         members = [t for t in range(g * size, min((g + 1) * size, tokens)) if valid[t]]
@@ -44,7 +44,7 @@ def reference_expert_choice(layer: MoEFFN, x: torch.Tensor, valid: list[bool]) -
 
 
 def reference_top_k(layer: MoEFFN, x: torch.Tensor, valid: list[bool]) -> torch.Tensor:
-    probs = torch.softmax(x.float() @ layer.router, dim=-1)
+    probs = torch.softmax(x.float() @ layer.router.T, dim=-1)
     out = [torch.zeros(D) for _ in range(x.shape[0])]
     for t in range(x.shape[0]):
         if not valid[t]:
@@ -104,9 +104,9 @@ def test_expert_choice_load_is_the_real_tokens_router_preference() -> None:
     layer = make_layer("expert_choice")
     x, mask = torch.randn(1, 16, D), torch.arange(16).view(1, 16) < 10
     with torch.no_grad():
-        layer.router[:, 0] = x[0, :10].mean(0) * 2  # the real tokens lean to expert 0
+        layer.router[0] = x[0, :10].mean(0) * 2  # the real tokens lean to expert 0
     _, stats = layer(x, mask)
-    want = torch.softmax(x[0, :10] @ layer.router, dim=-1).mean(0)  # padded tokens do not count
+    want = torch.softmax(x[0, :10] @ layer.router.T, dim=-1).mean(0)  # padded tokens do not count
     torch.testing.assert_close(stats.load, want.detach())
     assert stats.load.argmax() == 0 and stats.load[0] > 1.5 / E
     assert 0 < stats.coverage <= 1

@@ -192,7 +192,7 @@ def padding_waste(cfg: PipelineConfig, shards: list[str], output: str) -> dict[s
     for info in dataset.buckets:
         for batch in dataset.iter_batches(info.name, PAD_BATCH, ["text_mask"] if "text_mask" in info.columns else ["key"]):
             n = len(next(iter(batch.values())))
-            total += n * info.tokens_per_sample
+            total += n * buckets.tokens_per_sample(info.shape, cfg.patches)
             if "text_mask" in batch:
                 padded += int((~batch["text_mask"]).sum())  # the only padding: text up to its length bucket
                 text_slots += batch["text_mask"].size
@@ -246,10 +246,12 @@ def _replicate(root: Path, shards: list[str], name: str, times: int) -> tuple[Pa
 def run(quick: bool, out: Path) -> dict[str, Any]:
     """Measure (a), (b), (c), padding waste and peak RSS at 1x/10x; write and return the JSON.
 
-    Speeds use the synth shards repeated (2x quick, 8x full). All three start warm as far as
-    each allows: the baselines fork from this process after it imported the decoders; Ray's
-    decode actors are new processes each run and import torch, torchaudio and decord
-    themselves (~5 s on 2 cores), which the end-to-end figures include.
+    Speeds use the synth shards repeated (2x quick, 32x full: 4096 samples, about 40 s of
+    decoding, the scale at which a real preprocess's start-up stops mattering). All three
+    start warm as far as each allows: the baselines fork from this process after it imported
+    the decoders; Ray's decode actors are new processes each run and import ray.data, torch,
+    torchaudio and decord themselves (~10 s on 2 cores with the CUDA torch wheels), which the
+    end-to-end figures include.
     """
     import ray
 
@@ -258,7 +260,7 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
     settings = [f"decode.num_actors={workers}"]
     try:
         base = _input(work / "raw", quick)
-        speed_dir, speed = _replicate(work, base, "speed", 2 if quick else 8)
+        speed_dir, speed = _replicate(work, base, "speed", 2 if quick else 32)
         cfg = load_preprocess_config(None, str(speed_dir), str(work / "out-speed"), settings)
         # Import the decoders here once so forked baseline workers start warm (Ray actors import their own).
         decode_or_skip(next(_tar_samples(base[0])), cfg, decode.load_tokenizer(resolve_tokenizer(cfg, base)))

@@ -15,7 +15,7 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Where to write the JSON res
 
 @app.command("data")
 def data(quick: QuickOpt = False, out: OutOpt = Path("runs/bench/data.json")) -> None:
-    """Ray Data preprocess vs a no-framework ceiling and DataLoader+webdataset; padding waste; peak RSS at 1x/10x."""
+    """Ray Data pipeline vs a no-framework ceiling and DataLoader+webdataset; padding waste; peak RSS at 1x/10x."""
     import json
     import logging
 

@@ -14,6 +14,7 @@ from imp_platform.config.pipeline import PatchConfig
 
 # Short, stable tags used in bucket names, in naming order.
 _NAME_TAGS: dict[str, str] = {"video": "v", "image": "i", "audio_mel": "a", "audio_wave": "w", "text_ids": "t"}
+TOKEN_COLUMNS = tuple(_NAME_TAGS)  # the processed columns that become encoder tokens (and name buckets)
 _ASPECT_EPS = 1e-6
 
 

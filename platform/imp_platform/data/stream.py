@@ -35,13 +35,12 @@ STATE_VERSION = 1
 
 @dataclass(frozen=True)
 class BucketInfo:
-    """One bucket of a processed dataset: every row has the same per-column shapes."""
+    """One bucket of a processed dataset, or a view of several: every row has the same shapes in ``columns``."""
 
     name: str
     count: int
     shape: dict[str, list[int]]
     files: list[str]
-    tokens_per_sample: int
     columns: dict[str, dict[str, Any]]
     # (file index, row-group index, rows) for every row group, in manifest order.
     row_groups: tuple[tuple[int, int, int], ...]
@@ -57,9 +56,36 @@ class BucketInfo:
             count=int(entry["count"]),
             shape={k: list(v) for k, v in entry["shape"].items()},
             files=files,
-            tokens_per_sample=int(entry["tokens_per_sample"]),
             columns=entry["columns"],
             row_groups=groups,
+        )
+
+    @classmethod
+    def merge(cls, parts: Sequence[BucketInfo], columns: Sequence[str]) -> BucketInfo:
+        """One view of ``parts``, which agree on the shapes of ``columns`` (and may differ elsewhere).
+
+        Named after those shapes (``bucket_name``); only ``columns`` can be read from it.
+        """
+        from imp_platform.data.buckets import TOKEN_COLUMNS, bucket_name
+
+        first = parts[0]
+        specs = {c: first.columns[c] for c in columns}
+        for part in parts[1:]:
+            if any(part.columns[c] != spec for c, spec in specs.items()):
+                raise ValueError(f"buckets {first.name} and {part.name} disagree on columns {list(columns)}")
+        shape = {c: first.shape[c] for c in columns if c in first.shape}
+        files: list[str] = []
+        groups: list[tuple[int, int, int]] = []
+        for part in parts:
+            groups.extend((len(files) + fi, gi, rows) for fi, gi, rows in part.row_groups)
+            files.extend(part.files)
+        return cls(
+            name=bucket_name({c: s for c, s in shape.items() if c in TOKEN_COLUMNS}),
+            count=sum(p.count for p in parts),
+            shape=shape,
+            files=files,
+            columns=specs,
+            row_groups=tuple(groups),
         )
 
 
@@ -277,6 +303,20 @@ class ProcessedDataset:
             if info.name == name:
                 return info
         raise KeyError(f"no bucket {name!r} in {self.root}; buckets: {[b.name for b in self.buckets]}")
+
+    def views(self, columns: Sequence[str], buckets: Sequence[str] | None = None) -> list[BucketInfo]:
+        """The buckets that hold ``columns`` (of those named in ``buckets``, if given), merged where
+        the shapes of ``columns`` agree.
+
+        A task reads only its own columns, so buckets that differ only in others (the caption
+        length, for a video classifier) are one stream for it: fuller batches, fewer streams.
+        """
+        groups: dict[tuple, list[BucketInfo]] = {}
+        for info in self.buckets:
+            if info.count and all(c in info.columns for c in columns) and (buckets is None or info.name in buckets):
+                key = tuple(tuple(info.shape.get(c, ())) for c in columns)
+                groups.setdefault(key, []).append(info)
+        return [BucketInfo.merge(parts, columns) for parts in groups.values()]
 
     def _reader(self, bucket: str | BucketInfo, columns: Sequence[str] | None) -> _RowGroupReader:
         info = self.bucket(bucket)

@@ -47,7 +47,7 @@ class HeldOut:
         from imp_platform.data.stream import ProcessedDataset
 
         dataset = ProcessedDataset.open(cfg.data.processed_path(cfg.data.eval_split), cfg.data.storage_options)
-        text_len = next(b.shape["text_ids"][0] for b in dataset.buckets if "text_ids" in b.shape)
+        text_len = max(b.shape["text_ids"][0] for b in dataset.buckets if "text_ids" in b.shape)
         return cls(dataset, prompt_tokens(cfg, text_len), cfg.eval.batch_size, cfg.eval.max_samples,
                    torch.device(device))
 

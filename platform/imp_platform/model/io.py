@@ -3,7 +3,7 @@
 Tensor names are the module's ``state_dict`` keys. Expert layout, per sparse layer ``i``:
 ``encoder.blocks.{i}.ffn.w1`` [E, d_model, mlp_dim] and ``encoder.blocks.{i}.ffn.w2``
 [E, mlp_dim, d_model] (expert ``e`` computes ``gelu(x @ w1[e]) @ w2[e]``, no biases);
-``encoder.blocks.{i}.ffn.router`` [d_model, E] float32 (logits = x @ router).
+``encoder.blocks.{i}.ffn.router`` [E, d_model] float32 (logits = x @ router.T, nn.Linear's layout).
 Dense layers hold ``encoder.blocks.{i}.ffn.fc1/fc2`` (``nn.Linear``, weight [out, in]).
 """
 

@@ -16,17 +16,21 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from imp_platform.config.train import PretrainConfig
+from imp_platform.memory import reuse_large_allocations
 from imp_platform.train import checkpoint as ckpt
 from imp_platform.train.agd import AGDSampler, Choice
 from imp_platform.train.dist import allreduce_gradients, broadcast_object, broadcast_parameters
 from imp_platform.train.metrics import MetricsWindow, TensorBoardLogger, progress_line, scalar_metrics
 from imp_platform.train.optim import build_optimizer, build_scheduler, clip_gradients
 from imp_platform.train.tasks import resolve_model_config, run_task, task_columns, tokens_per_sample
+
+if TYPE_CHECKING:
+    from imp_platform.data.stream import BucketInfo
 
 log = logging.getLogger(__name__)
 
@@ -45,33 +49,34 @@ def _debug(rank: int, name: str, text: str) -> None:
 
 @dataclass
 class BucketPlan:
+    info: BucketInfo  # the task's view: stored buckets merged where the task's columns agree in shape
     batch_size: int
     tokens_per_sample: int
-    count: int
+
+    @property
+    def count(self) -> int:
+        return self.info.count
 
 
 def plan_buckets(cfg: PretrainConfig, model: Any, datasets: dict[str, Any],
                  world_size: int = 1) -> dict[str, dict[str, BucketPlan]]:
-    """task -> bucket -> batch size from the token budget (``batch_size_for``), for buckets that have the columns."""
+    """task -> view -> batch size from the token budget (``batch_size_for``).
+
+    A task's views are the stored buckets that have its columns, merged by those columns'
+    shapes (``ProcessedDataset.views``): each is one uniform-shape stream for the task.
+    """
     from imp_platform.data.buckets import batch_size_for
 
     plans: dict[str, dict[str, BucketPlan]] = {}
     for name, task in cfg.tasks.items():
-        dataset = datasets[task.split]
-        wanted = set(task.buckets) if task.buckets is not None else None
         plans[name] = {}
-        for info in dataset.buckets:
-            if wanted is not None and info.name not in wanted:
-                continue
-            columns = [c for c in task_columns(task) if c not in ("label", "direction")]
-            if not all(c in info.shape for c in columns) or info.count == 0:
-                continue
+        for info in datasets[task.split].views(task_columns(task), task.buckets):
             tps = tokens_per_sample(model, task, info.shape)
             # Never more rows than one rank's share: a batch that wraps its epoch would hold
             # the same clip twice, a false negative for NCE.
             batch = min(batch_size_for(tps, task.token_budget), info.count // world_size)
             if batch >= 2:
-                plans[name][info.name] = BucketPlan(batch, tps, info.count)
+                plans[name][info.name] = BucketPlan(info, batch, tps)
         if not plans[name]:
             raise ValueError(f"task {name!r}: no bucket of split {task.split!r} has columns {task_columns(task)}")
     return plans
@@ -94,11 +99,11 @@ class Streams:
     def next(self, choice: Choice) -> dict[str, Any]:
         key = f"{choice.task}/{choice.bucket}"
         if key not in self._streams:
-            task = self.cfg.tasks[choice.task]
+            task, plan = self.cfg.tasks[choice.task], self.plans[choice.task][choice.bucket]
             stream = self.datasets[task.split].stream(
-                choice.bucket, self.plans[choice.task][choice.bucket].batch_size, task_columns(task),
+                plan.info, plan.batch_size, task_columns(task),
                 self.rank, self.world_size, stream_seed(self.cfg.run.seed, choice.task, choice.bucket),
-                shuffle_window=self.cfg.run.shuffle_batches * self.plans[choice.task][choice.bucket].batch_size)
+                shuffle_window=self.cfg.run.shuffle_batches * plan.batch_size)
             if key in self._pending:
                 stream.load_state_dict(self._pending.pop(key))
             self._streams[key] = stream
@@ -135,6 +140,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(_threads(cfg))
     _debug(rank, "pids", str(os.getpid()))
     device = _device(cfg)
+    if device.type == "cpu":
+        reuse_large_allocations()  # MoE weight grads would page-fault afresh every step
     torch.manual_seed(cfg.run.seed)
 
     model_cfg = resolve_model_config(cfg)
