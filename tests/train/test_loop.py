@@ -76,13 +76,14 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume(ray_local, tiny_ov
     rank0, rank1 = _grads_by_step(debug / "rank0-grads"), _grads_by_step(debug / "rank1-grads")
     assert sorted(rank0) == list(range(16)) and rank0 == rank1
     assert len({line.split()[1] for line in rank0.values()}) == 6  # round-robin visited every task
-    # Training loss goes down on the main task.
+    # Training loss goes down on the main task (halves compared: one 2-step window is noisy).
     with result.checkpoint.as_directory() as directory:
         history = load_history(directory)
         files = sorted(os.listdir(directory))
     assert "cursor-rank-001-of-002.pt" in files and "model.safetensors" in files and "pretrain.yaml" in files
     cls = [row["loss/audio_cls"] for row in history if "loss/audio_cls" in row]
-    assert cls[-1] < cls[0], cls
+    half = len(cls) // 2
+    assert sum(cls[half:]) / (len(cls) - half) < sum(cls[:half]) / half, cls
     # A rerun with the same storage_path + name resumes at step 16 and continues to 20.
     more = _fit(_cfg(tiny_overrides, "run.steps=20", "run.eval_every=4", *rr))
     assert more.metrics["step"] == 20
