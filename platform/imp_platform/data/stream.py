@@ -306,7 +306,7 @@ class ProcessedDataset:
 
     def views(self, columns: Sequence[str], buckets: Sequence[str] | None = None) -> list[BucketInfo]:
         """The buckets that hold ``columns`` (of those named in ``buckets``, if given), merged where
-        the shapes of ``columns`` agree.
+        those columns agree in shape and dtype.
 
         A task reads only its own columns, so buckets that differ only in others (the caption
         length, for a video classifier) are one stream for it: fuller batches, fewer streams.
@@ -314,7 +314,7 @@ class ProcessedDataset:
         groups: dict[tuple, list[BucketInfo]] = {}
         for info in self.buckets:
             if info.count and all(c in info.columns for c in columns) and (buckets is None or info.name in buckets):
-                key = tuple(tuple(info.shape.get(c, ())) for c in columns)
+                key = tuple((info.columns[c]["dtype"], tuple(info.columns[c]["shape"])) for c in columns)
                 groups.setdefault(key, []).append(info)
         return [BucketInfo.merge(parts, columns) for parts in groups.values()]
 
