@@ -92,3 +92,13 @@ def test_prepare_data_leaves_processed_splits_alone(processed_cfg) -> None:
     before = manifest.stat().st_mtime_ns
     assert prepare_data(processed_cfg) is False
     assert manifest.stat().st_mtime_ns == before
+
+
+def test_decode_object_store_cap_reaches_ray_data(ray_local: None, synth_shards: dict[str, Path], tmp_path: Path) -> None:
+    from imp_platform.data.pipeline import decoded_dataset
+
+    capped = load_preprocess_config(None, str(synth_shards["test"]), str(tmp_path), ["decode.object_store_mb=64"])
+    limits = decoded_dataset(capped)[0].context.execution_options.resource_limits
+    assert limits.object_store_memory == 64 * 2**20 and limits.cpu > 0
+    default = load_preprocess_config(None, str(synth_shards["test"]), str(tmp_path), ["decode.object_store_mb=null"])
+    assert decoded_dataset(default)[0].context.execution_options.resource_limits.object_store_memory == float("inf")

@@ -193,11 +193,15 @@ class LimitsConfig(StrictModel):
 
 
 class DecodeConfig(StrictModel):
-    """Decode actor pool sizing (Ray Data ``map_batches``)."""
+    """Decode actor pool sizing (Ray Data ``map_batches``) and how much the pipeline may hold in flight."""
 
     num_actors: int = Field(2, gt=0)
     batch_size: int = Field(16, gt=0)
     num_threads: int = Field(1, ge=0)  # decoder threads per actor; 1 when actors are many
+    # MiB of blocks the pipeline may keep in Ray's object store at once (raw shards read ahead,
+    # decoded rows not yet written); Ray Data backpressures past it, so peak memory stays flat
+    # however long the input. None: Ray Data's default share of the object store.
+    object_store_mb: int | None = Field(None, ge=16)
 
 
 class PipelineConfig(StrictModel):

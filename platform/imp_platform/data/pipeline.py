@@ -321,7 +321,9 @@ def _limit_resources(ds: Any, cfg: PipelineConfig, actor_cpus: float) -> None:
     from ray.data import ExecutionResources
 
     cpus = cfg.decode.num_actors * actor_cpus + 2 * IO_TASK_CPUS
-    ds.context.execution_options.resource_limits = ExecutionResources(cpu=cpus)
+    store = cfg.decode.object_store_mb
+    ds.context.execution_options.resource_limits = ExecutionResources(
+        cpu=cpus, object_store_memory=None if store is None else store * 2**20)
 
 
 def _one_filesystem(urls: list[str], storage_options: dict[str, Any]) -> tuple[Any, list[str]]:

@@ -71,10 +71,12 @@ def write_report(history: list[dict[str, Any]], out: str | Path, title: str = "i
         width = 0.8 / len(modalities)
         for index, modality in enumerate(modalities):
             ax.bar(np.arange(len(use[modality])) + index * width, use[modality], width, label=modality)
+        ax.axhline(1 / experts, color="grey", linewidth=0.8, linestyle="--", label="uniform")
         ax.set_xticks(np.arange(experts) + 0.4 - width / 2, [f"e{i}" for i in range(experts)])
+        top = max(max(v) for v in use.values())
         ax.set(title="expert use by modality (mean over MoE layers)", xlabel="expert",
-               ylabel="share of routing (EC: mean router prob.)")
-        ax.legend(fontsize=8)
+               ylabel="share of routing (EC: mean router prob.)", ylim=(0, 1.3 * top))  # headroom for the legend
+        ax.legend(fontsize=8, ncol=len(modalities) + 1, loc="upper center")
     else:
         ax.text(0.5, 0.5, "dense model: no experts", ha="center", va="center")
         ax.set_axis_off()
