@@ -20,27 +20,35 @@ def test_peak_memory_includes_children_and_splits_shared_pages() -> None:
     assert peak.peak_pss_mb <= peak.peak_mb  # shared pages are split, never counted more than once
 
 
-# A child that allocates and frees a 64 MiB tensor-sized buffer twice and prints the minor page
-# faults of the second round; with glibc's default the block is mmapped anew and faults again.
+# A child that mallocs, touches and frees 64 MiB three times and prints each round's minor page
+# faults. With glibc's defaults the block is mmapped afresh every round; with the thresholds raised
+# the freed block stays in the heap and the later rounds fault nothing. (Plain malloc, not a
+# tensor: torch's posix_memalign requests do not always fit the freed chunk exactly, which makes
+# reuse likely but not certain there; bench moe measures the effect on a real layer.)
 REUSE_CHILD = """
-import resource, sys, torch
+import ctypes, resource, sys
 from imp_platform.memory import reuse_large_allocations
 if sys.argv[1] == "tuned":
     assert reuse_large_allocations()
-def touch():
-    torch.ones(16 * 2**20)  # 64 MiB, freed at once
-touch()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-touch()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(64 * 2**20)
+    ctypes.memset(block, 1, 64 * 2**20)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
 """
 
 
-def test_reuse_large_allocations_stops_page_faults_on_repeated_large_tensors() -> None:
-    def faults(mode: str) -> int:
+def test_reuse_large_allocations_stops_page_faults_on_repeated_large_blocks() -> None:
+    def faults(mode: str) -> list[int]:
         out = subprocess.run([sys.executable, "-c", REUSE_CHILD, mode], check=True, capture_output=True, text=True)
-        return int(out.stdout.strip())
+        return [int(n) for n in out.stdout.split()]
 
     pages = 64 * 2**20 // 4096
-    assert faults("default") > pages // 2  # glibc mmaps the block afresh: every page faults again
-    assert faults("tuned") < pages // 20  # the freed block is reused from the heap
+    assert all(n > pages // 2 for n in faults("default"))  # mmapped afresh: every page faults every round
+    first, *later = faults("tuned")
+    assert first > pages // 2 and all(n < pages // 20 for n in later)  # the freed block is reused

@@ -21,7 +21,8 @@ def reuse_large_allocations(threshold_mb: int = 512) -> bool:
     an MoE layer's weight gradients (E times a dense layer's; 38 MiB for 16 x 384 x 1536
     floats) cost 13 ms of faults per step on the 2-core machine, which made CPU MoE look
     slower than it is. Raising the mmap and trim thresholds (trim at twice mmap, as glibc's
-    own dynamic rule) lets those blocks be reused. Returns False where there is no glibc.
+    own dynamic rule) lets those blocks be reused (likely rather than certain for torch's
+    aligned requests, which do not always fit a freed chunk). Returns False where there is no glibc.
     """
     if not sys.platform.startswith("linux"):
         return False
