@@ -27,3 +27,14 @@ def test_prompts_tokenize_like_captions(synth_shards, tmp_path):
     assert ids.shape == mask.shape and ids.shape[1] == 16
     assert sorted(set(classes.tolist())) == list(range(10))
     assert (ids[mask] > 1).all()  # no [PAD]/[UNK] inside a prompt: the caption vocabulary covers it
+
+
+def test_held_out_prompts_fit_the_longest_stored_caption_length(processed_cfg):
+    from imp_platform.eval.zeroshot import HeldOut
+
+    held = HeldOut.open(processed_cfg)
+    lengths = {b.shape["text_ids"][0] for b in held.dataset.buckets if "text_ids" in b.shape}
+    assert len(lengths) > 1  # captions of several lengths: prompts must not take the first bucket's
+    ids, mask, _ = held.prompts
+    assert ids.shape[1] == max(lengths)
+    assert mask.sum(axis=1).max() == max(lengths)  # the longest prompts are kept whole, not truncated

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imp_platform.data import manifest as manifest_io
+from imp_platform.data.buckets import TOKEN_COLUMNS, bucket_name
 from imp_platform.data.sources import filesystem, join
 
 if TYPE_CHECKING:
@@ -66,8 +67,6 @@ class BucketInfo:
 
         Named after those shapes (``bucket_name``); only ``columns`` can be read from it.
         """
-        from imp_platform.data.buckets import TOKEN_COLUMNS, bucket_name
-
         first = parts[0]
         specs = {c: first.columns[c] for c in columns}
         for part in parts[1:]:
