@@ -12,9 +12,11 @@ from imp_platform.config.model import MoEConfig
 from imp_platform.model.moe import (
     MoEFFN,
     grouped_matmul,
+    grouped_weight_grad,
     limoe_global_entropy,
     limoe_local_entropy,
     load_balance_loss,
+    router_probs,
     router_z_loss,
 )
 
@@ -100,6 +102,17 @@ def test_top_k_matches_reference(pad: int, k: int) -> None:
     compare(make_layer("top_k", top_k=k), reference_top_k, batch=2, n=11, pad=pad)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_top_k_backward_takes_an_expanded_gradient(k: int) -> None:
+    layer = make_layer("top_k", top_k=k)
+    x = torch.randn(2, 5, D, requires_grad=True)
+    y, _ = layer(x)
+    y.sum().backward()  # d(sum)/dy is an expanded (stride 0) tensor
+    ref = reference_top_k(layer, x.detach().reshape(-1, D), [True] * 10)
+    torch.testing.assert_close(y.detach().reshape(-1, D), ref, atol=1e-5, rtol=1e-4)
+    assert x.grad.shape == x.shape and torch.isfinite(layer.w1.grad).all()
+
+
 def test_expert_choice_load_is_the_real_tokens_router_preference() -> None:
     layer = make_layer("expert_choice")
     x, mask = torch.randn(1, 16, D), torch.arange(16).view(1, 16) < 10
@@ -115,19 +128,16 @@ def test_expert_choice_load_is_the_real_tokens_router_preference() -> None:
 def test_grouped_matmul_matches_loop_with_empty_groups() -> None:
     torch.manual_seed(0)
     counts = torch.tensor([3, 0, 5, 2])
-    x = torch.randn(10, 8, requires_grad=True)
-    w = torch.randn(4, 8, 16, requires_grad=True)
-    out = grouped_matmul(x, w, counts)
-    out.sum().backward()  # an expanded gradient: must not break the grouped_mm backward
-    gx, gw = x.grad.clone(), w.grad.clone()
-    x.grad = w.grad = None
+    x, w = torch.randn(10, 8), torch.randn(4, 8, 16)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    out = grouped_matmul(x, w, offs)
     starts = [0, 3, 3, 8]
     ref = torch.cat([x[s : s + c] @ w[e] for e, (s, c) in enumerate(zip(starts, counts.tolist()))])
-    ref.sum().backward()
     torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(gx, x.grad)
-    torch.testing.assert_close(gw, w.grad)
-    assert torch.all(gw[1] == 0)
+    b = torch.randn(10, 16)
+    grad_w = grouped_weight_grad(x, b, offs)
+    torch.testing.assert_close(grad_w[2], x[3:8].T @ b[3:8])
+    assert grad_w.shape == (4, 8, 16) and torch.all(grad_w[1] == 0)
 
 
 def test_aux_losses_match_formulas() -> None:
@@ -135,7 +145,10 @@ def test_aux_losses_match_formulas() -> None:
     logits = torch.randn(12, E)
     probs = torch.softmax(logits, -1)
     want_z = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / 12
-    assert router_z_loss(logits).item() == pytest.approx(want_z, rel=1e-5)
+    got_probs, lse = router_probs(logits * 30)  # large logits: lse must not lose precision
+    torch.testing.assert_close(got_probs, torch.softmax(logits * 30, -1))
+    torch.testing.assert_close(lse, torch.logsumexp(logits * 30, -1))
+    assert router_z_loss(router_probs(logits)[1]).item() == pytest.approx(want_z, rel=1e-5)
 
     assignments = probs.argmax(-1)
     f = [(assignments == e).float().mean().item() for e in range(E)]
@@ -178,3 +191,27 @@ def test_bfloat16_autocast_routes_like_float32(router: str) -> None:
     (got.float().sum() + stats.aux_loss).backward()
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
     assert layer.w1.grad is not None and layer.router.grad.dtype == torch.float32
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 grouped_mm kernels need CUDA")
+@pytest.mark.parametrize("router,kw", [("top_k", dict(top_k=1)), ("top_k", dict(top_k=2)), ("expert_choice", {})])
+def test_cuda_bfloat16_matches_cpu_float32(router: str, kw: dict) -> None:
+    """The GPU path (bf16 experts: grouped_mm / bmm kernels, float32 router) gives the CPU path's numbers."""
+    layer = make_layer(router, **kw)
+    x = torch.randn(2, 24, D)
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[1, 20:] = False
+    weight = torch.randn(2, 24, D)
+    want, _ = layer(x, mask)
+    (want * weight).sum().backward()
+    want_grads = [p.grad.clone() for p in layer.parameters()]
+    gpu = make_layer(router, **kw).cuda()
+    gpu.load_state_dict(layer.state_dict())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, stats = gpu(x.cuda(), mask.cuda())
+    (got.float() * weight.cuda()).sum().backward()
+    torch.testing.assert_close(got.float().cpu(), want, atol=0.05, rtol=0.05)
+    for g, w in zip((p.grad for p in gpu.parameters()), want_grads):
+        torch.testing.assert_close(g.float().cpu(), w, atol=0.1, rtol=0.05)
+    assert torch.all(got[1, 20:] == 0) and stats.load.device.type == "cuda"

@@ -92,15 +92,22 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.T
     return sum(seen.values())
 
 
-def _fwd_bwd(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor,
-             params: list[torch.Tensor]) -> Callable[[], None]:
+def _fwd_bwd(forward: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
+             grad: torch.Tensor, params: list[torch.Tensor]) -> Callable[[], None]:
     """One training-like step: grads set to None first (``zero_grad(set_to_none=True)``), so no
-    variant pays for accumulating into last step's (E times larger, for MoE) weight grads."""
+    variant pays for accumulating into last step's (E times larger, for MoE) weight grads.
+
+    ``forward`` returns the output, or (output, aux loss): the aux loss is back-propagated
+    with weight 1, as training adds it to the scalar loss.
+    """
     def step() -> None:
         for t in (x, *params):
             t.grad = None
         out = forward(x)
-        torch.autograd.backward(out, grad)
+        if isinstance(out, tuple):
+            torch.autograd.backward(out, (grad, torch.ones_like(out[1])))
+        else:
+            torch.autograd.backward(out, grad)
         if x.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -160,9 +167,9 @@ def bench_size(tokens: int, d: int, hidden: int, experts: int, device: torch.dev
             p.data = p.data.to(dtype)
         dense = DenseFFN(d, round(hidden * cfg.active_experts_per_token()), bias=False).to(device, dtype)
 
-        def moe_fwd(inp: torch.Tensor, layer: MoEFFN = layer) -> torch.Tensor:
+        def moe_fwd(inp: torch.Tensor, layer: MoEFFN = layer) -> tuple[torch.Tensor, torch.Tensor]:
             y, stats = layer(inp[None])
-            return y[0] + 0 * stats.aux_loss.to(y.dtype)
+            return y.view_as(inp), stats.aux_loss  # a view: y[0]'s backward would copy into a new zero tensor
 
         def naive_fwd(inp: torch.Tensor, layer: MoEFFN = layer) -> torch.Tensor:
             return naive_forward(layer, inp)
