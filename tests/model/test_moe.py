@@ -108,9 +108,14 @@ def test_top_k_backward_takes_an_expanded_gradient(k: int) -> None:
     x = torch.randn(2, 5, D, requires_grad=True)
     y, _ = layer(x)
     y.sum().backward()  # d(sum)/dy is an expanded (stride 0) tensor
-    ref = reference_top_k(layer, x.detach().reshape(-1, D), [True] * 10)
-    torch.testing.assert_close(y.detach().reshape(-1, D), ref, atol=1e-5, rtol=1e-4)
-    assert x.grad.shape == x.shape and torch.isfinite(layer.w1.grad).all()
+    grads = [t.grad.clone() for t in (x, layer.router, layer.w1, layer.w2)]
+    x.grad = None
+    layer.zero_grad()
+    ref = reference_top_k(layer, x.reshape(-1, D), [True] * 10)
+    ref.sum().backward()
+    torch.testing.assert_close(y.detach().reshape(-1, D), ref.detach(), atol=1e-5, rtol=1e-4)
+    for got, want in zip(grads, (x.grad, layer.router.grad, layer.w1.grad, layer.w2.grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_expert_choice_load_is_the_real_tokens_router_preference() -> None:

@@ -274,7 +274,7 @@ class MoEFFN(nn.Module):
         gates, expert_ids = probs.max(dim=-1, keepdim=True) if k == 1 else torch.topk(probs, k, dim=-1)
         sorted_ids, order = torch.sort(expert_ids.reshape(-1), stable=True)
         counts = torch.bincount(sorted_ids, minlength=experts)
-        dest = order if k == 1 else order // k  # row of xs for each sorted assignment
+        dest = order // k  # row of xs for each sorted assignment
         if rows is not None:
             dest = rows[dest]
         inverse = None
