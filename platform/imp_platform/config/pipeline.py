@@ -6,6 +6,7 @@ decode settings, bucket shapes and the token budget can never drift between the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -204,6 +205,46 @@ class DecodeConfig(StrictModel):
     object_store_mb: int | None = Field(None, ge=16)
 
 
+class DatasetConfig(StrictModel):
+    """What the corpus *means*: class names (index = label id) and zero-shot prompt templates.
+
+    The pipeline copies this card into ``manifest.json`` so training, eval and inspection read
+    a processed dataset's classes and prompts without the YAML. ``classes`` may be a list of
+    names or the path of a text file (one name per line) or a JSON list, relative to the YAML.
+    """
+
+    classes: list[str] | str | None = None
+    prompts: list[str] = Field(default_factory=lambda: ["{}"], min_length=1)  # "{}" = class name
+    label_key: str = "label"  # json field holding the class (its index or its name)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_name_the_class(cls, value: list[str]) -> list[str]:
+        bad = [p for p in value if p.count("{}") != 1]
+        if bad:
+            raise ValueError(f"each prompt needs exactly one '{{}}' for the class name, got {bad}")
+        return value
+
+    def class_names(self, base_dir: str | Path | None = None) -> list[str] | None:
+        """The class names (a file path is read relative to ``base_dir``), or None when none are declared."""
+        if self.classes is None or isinstance(self.classes, list):
+            names = self.classes
+        else:
+            path = Path(self.classes)
+            if not path.is_absolute() and base_dir is not None:
+                path = Path(base_dir) / path
+            if not path.is_file():
+                raise ValueError(f"dataset.classes: file not found: {path}")
+            text = path.read_text(encoding="utf-8")
+            names = json.loads(text) if path.suffix == ".json" else [ln.strip() for ln in text.splitlines() if ln.strip()]
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"dataset.classes: {path} must hold a JSON list of strings")
+        if names is not None and len(set(names)) != len(names):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"dataset.classes has duplicate names {dupes}")
+        return names
+
+
 class PipelineConfig(StrictModel):
     """A whole pipeline: source -> decode -> bucket -> output, plus the token budget."""
 
@@ -220,6 +261,7 @@ class PipelineConfig(StrictModel):
     token_budget: int = Field(8192, gt=0)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
