@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # directory (seconds per worker start); locally every worker already runs this .venv's python.
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV ?= 0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test chaos bench clean
 
 setup:
 	@command -v uv >/dev/null 2>&1 || [ -x "$$HOME/.local/bin/uv" ] || python3 -m pip install --quiet uv
@@ -18,6 +18,10 @@ demo: setup
 
 test: setup
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+# The fault-injection tests (marker `chaos`; also part of `make test`): kills, S3 faults, NaN batches.
+chaos: setup
+	$(UV) run --frozen pytest -m chaos $(PYTEST_ARGS)
 
 bench: setup
 	mkdir -p runs/bench

@@ -45,7 +45,7 @@ def test_manifest_counts_every_sample(manifest: dict, synth_shards: dict[str, Pa
     assert sum(b["count"] for b in manifest["buckets"]) == manifest["kept"] == 96
     # three native aspect ratios (square, landscape, portrait) give at least three buckets
     assert len(manifest["buckets"]) >= 3
-    assert "ReadTarShards" in manifest["stats"] and "DecodeBatches" in manifest["stats"]
+    assert "ReadTarShards" in manifest["stats"] and "decode_batches" in manifest["stats"]
     assert manifest["timing"]["seconds"] > 0
 
 
@@ -68,7 +68,7 @@ def test_buckets_are_uniform_and_readable(manifest: dict, out_dir: Path, synth_s
             assert batch["text_ids"].dtype == np.int32 and batch["text_mask"].dtype == bool
             assert np.isfinite(batch["audio_mel"]).all()
             assert ((batch["label"] >= 0) & (batch["label"] <= 9)).all()
-            assert ((batch["direction"] >= 0) & (batch["direction"] <= 3)).all()
+            assert {json.loads(m)["direction"] for m in batch["meta"]} <= {"left", "right", "up", "down"}
             assert all(batch["text_mask"].sum(axis=1) > 0)
             seen += list(batch["key"])
     assert len(seen) == len(set(seen)) == 96
@@ -94,6 +94,17 @@ def test_prepare_data_leaves_processed_splits_alone(processed_cfg) -> None:
     assert manifest.stat().st_mtime_ns == before
 
 
+def test_dataset_card_and_tokenizer_copy(tmp_path: Path, synth_shards: dict[str, Path]) -> None:
+    from imp_platform.data.pipeline import dataset_card, resolve_tokenizer, write_tokenizer
+
+    cfg = load_preprocess_config(None, str(synth_shards["test"]), str(tmp_path / "out"))
+    card = dataset_card(cfg)
+    assert card["classes"][3] == "three" and len(card["classes"]) == 10 and all("{}" in p for p in card["prompts"])
+    tokenizer = resolve_tokenizer(cfg, [str(p) for p in synth_shards["test"].glob("*.tar")])
+    write_tokenizer(cfg, cfg.output.path, tokenizer)
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == (synth_shards["root"] / "tokenizer.json").read_text()
+
+
 def test_decode_object_store_cap_reaches_ray_data(ray_local: None, synth_shards: dict[str, Path], tmp_path: Path) -> None:
     from imp_platform.data.pipeline import decoded_dataset
 
@@ -102,3 +113,41 @@ def test_decode_object_store_cap_reaches_ray_data(ray_local: None, synth_shards:
     assert limits.object_store_memory == 64 * 2**20 and limits.cpu > 0
     default = load_preprocess_config(None, str(synth_shards["test"]), str(tmp_path), ["decode.object_store_mb=null"])
     assert decoded_dataset(default)[0].context.execution_options.resource_limits.object_store_memory == float("inf")
+
+
+def test_shapes_corpus_through_yaml_only(ray_local: None, shapes_corpus: dict[str, Path], tmp_path: Path) -> None:
+    """The second corpus (labels by name, caption lists, five containers, soundtrack-only audio) preprocessed
+    with its YAML: every sample kept, labels resolved by name, and what was decoded is what was drawn."""
+    from realworld import CLASSES, PIPELINE_YAML, SAMPLES_PER_SHARD
+
+    from imp_platform.data.dataset import iter_captions, train_tokenizer
+
+    tokenizer = tmp_path / "tokenizer.json"
+    train_tokenizer(iter_captions([str(shapes_corpus["train"])]), vocab_size=200).save(str(tokenizer))
+    cfg = load_preprocess_config(PIPELINE_YAML, str(shapes_corpus["train"]), str(tmp_path / "out"),
+                                 [f"text.tokenizer={tokenizer}"])
+    manifest = preprocess(cfg)
+    assert manifest["skipped"] == {} and manifest["kept"] == 24 == 3 * SAMPLES_PER_SHARD
+    dataset = ProcessedDataset.open(str(tmp_path / "out"))
+    rows, pitch_bins = 0, {name: [] for name in CLASSES}
+    for info in dataset.buckets:
+        for batch in dataset.iter_batches(info.name, batch_size=32):
+            for i, meta in enumerate(map(json.loads, batch["meta"])):
+                name = CLASSES[batch["label"][i]]
+                assert len(meta["captions"]) == 2 and name in batch["caption"][i] and meta["source"] == "shapes-test"
+                assert dominant_colour(batch["video"][i]) == dominant_colour(batch["image"][i]) == name
+                pitch_bins[name].append(int(batch["audio_mel"][i].mean(axis=0).argmax()))
+                rows += 1
+    assert rows == 24
+    lowest, highest = [min(pitch_bins[n]) for n in CLASSES], [max(pitch_bins[n]) for n in CLASSES]
+    assert all(h < lo for h, lo in zip(highest, lowest[1:], strict=False)), pitch_bins  # each colour's tone, in pitch order
+
+
+def dominant_colour(pixels: np.ndarray) -> str:
+    """The class colour nearest the mean of the saturated pixels (the shape; the background is grey)."""
+    from realworld import COLOURS
+
+    flat = pixels.reshape(-1, 3).astype(float)
+    shape = flat[flat.max(axis=1) - flat.min(axis=1) > 60].mean(axis=0)
+    return min(COLOURS, key=lambda c: np.linalg.norm(shape - np.array(COLOURS[c])))
+

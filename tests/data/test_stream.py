@@ -74,6 +74,51 @@ def test_resume_from_state_dict_continues_exactly(dataset: ProcessedDataset) -> 
         other.load_state_dict(state)
 
 
+def _json(state: dict) -> dict:
+    return json.loads(json.dumps(state))  # what a checkpoint stores
+
+
+def _rest_of_epoch(stream) -> list[str]:
+    """Keys the stream yields until it enters the next epoch."""
+    epoch, keys = stream.state_dict()["epoch"], []
+    while stream.state_dict()["epoch"] == epoch:
+        keys.append(str(next(stream)["key"][0]))
+    return keys
+
+
+@pytest.mark.parametrize(("old_world", "new_world"), [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_reads_no_row_twice_in_the_epoch(
+        dataset: ProcessedDataset, old_world: int, new_world: int) -> None:
+    info = biggest(dataset)
+    every = sorted(str(k) for b in dataset.iter_batches(info.name, 64, ["key"]) for k in b["key"])
+
+    def open_(rank: int, world: int):
+        return dataset.stream(info.name, batch_size=1, columns=["key"], rank=rank, world_size=world, seed=4,
+                              shuffle_window=2)
+
+    old = [open_(r, old_world) for r in range(old_world)]
+    reads = info.count // (2 * old_world)  # half of each old rank's epoch, mid-window
+    seen = [str(next(s)["key"][0]) for s in old for _ in range(reads)]
+    states = [_json(s.state_dict()) for s in old]
+    new = [open_(r, new_world) for r in range(new_world)]
+    for stream in new:
+        stream.resume(states)
+    rests = [_rest_of_epoch(stream) for stream in new]
+    assert sorted(seen + [k for rest in rests for k in rest]) == every  # none twice, none lost
+    # Saved one row into the inherited epoch and reloaded, a stream continues exactly...
+    rank = max(range(new_world), key=lambda r: len(rests[r]))
+    moved = open_(rank, new_world)
+    moved.resume(states)
+    next(moved)
+    reloaded = open_(rank, new_world)
+    reloaded.load_state_dict(_json(moved.state_dict()))
+    assert _rest_of_epoch(reloaded) == rests[rank][1:]
+    # ...and the next epoch follows the new world size's own plan.
+    fresh = open_(rank, new_world)
+    fresh.load_state_dict({**_json(fresh.state_dict()), "epoch": 1})
+    assert list(next(reloaded)["key"]) == list(next(fresh)["key"])
+
+
 def test_views_merge_buckets_by_the_shapes_of_the_columns_read(dataset: ProcessedDataset) -> None:
     by_video = dataset.views(["key", "video"])
     video_shapes = {tuple(b.shape["video"]) for b in dataset.buckets}

@@ -7,17 +7,12 @@ import tarfile
 from collections.abc import Callable
 
 import pytest
+from tarfaults import add, sparse_member
 
 from imp_platform.data.pipeline import raw_samples
-from imp_platform.data.tars import RawSample, read_samples, sample_blocks, split_member
+from imp_platform.data.tars import KeyRegistry, RawSample, read_samples, sample_blocks, split_member
 
 URL = "bucket/shard-00000.tar"
-
-
-def add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.type = len(data), kind
-    tar.addfile(info, io.BytesIO(data))
 
 
 def shard(*members: tuple[str, bytes]) -> tuple[bytes, list[int]]:
@@ -49,15 +44,51 @@ def test_split_member_as_webdataset(name: str, split: tuple[str, str]) -> None:
     assert split_member(name) == split
 
 
-def test_groups_contiguous_members_and_ignores_non_regular() -> None:
+def test_groups_contiguous_members_and_counts_non_regular() -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         add(tar, "dir", kind=tarfile.DIRTYPE)
         add(tar, "dir/a.mp4", b"v")
+        add(tar, "dir/link.mp4", kind=tarfile.SYMTYPE)  # between two members of dir/a: does not split it
         add(tar, "dir/a.json", b"{}")
-        add(tar, "dir/link.mp4", kind=tarfile.SYMTYPE)
+        add(tar, "fifo", kind=tarfile.FIFOTYPE)
         add(tar, "README", b"hi")
-    assert read(buf.getvalue()) == [("dir/a", {"mp4": b"v", "json": b"{}"}, ""), ("README", {"noext": b"hi"}, "")]
+    assert read(buf.getvalue()) == [
+        ("dir", {}, "non_regular_member"), ("dir/link.mp4", {}, "non_regular_member"), ("fifo", {}, "non_regular_member"),
+        ("dir/a", {"mp4": b"v", "json": b"{}"}, ""), ("README", {"noext": b"hi"}, "")]  # a sample ends at the next key
+
+
+def test_huge_and_sparse_members_are_never_read() -> None:
+    data, _ = shard(("a.json", b"{}"), ("a.mp4", b"v" * 5000), ("b.json", b"{}"), ("b.mp4", b"v" * 100))
+    assert read_samples_capped(data, 4096) == [("a", {}, "huge_member"), ("b", {"json": b"{}", "mp4": b"v" * 100}, "")]
+    # A GNU sparse member of 64 GiB stored in one block: its header alone says how big it expands.
+    data = sparse_member("c.mp4", 64 * 2**30) + shard(("d.json", b"{}"))[0]
+    samples = list(read_samples(io.BytesIO(data), URL, max_member_bytes=2**30))
+    assert [(s.key, s.skip) for s in samples] == [("c", "huge_member"), ("d", "")]
+    assert "sparse member expanding to 68719476736 bytes" in samples[0].detail
+
+
+def read_samples_capped(data: bytes, cap: int) -> list[tuple[str, dict[str, bytes], str]]:
+    return [(s.key, s.members, s.skip) for s in read_samples(io.BytesIO(data), URL, max_member_bytes=cap)]
+
+
+def test_non_utf8_member_names_fail_their_sample_only() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        add(tar, "caf\u00e9.json", b"{}")  # written as latin-1: not valid UTF-8
+        add(tar, "b.json", b"{}")
+    samples = list(read_samples(io.BytesIO(buf.getvalue()), URL))
+    assert [(s.key, s.skip) for s in samples] == [("caf\\xe9", "non_utf8_name"), ("b", "")]
+
+
+def test_garbage_header_mid_shard_resynchronises_and_counts_the_loss() -> None:
+    data, ends = shard(("a.json", b"{}"), ("b.json", b"{}"), ("b.mp4", b"B" * 1500), ("c.json", b"{}"))
+    # Overwrite b.mp4's header (it starts where b.json's data ends) with garbage.
+    broken = data[: ends[1]] + b"x" * tarfile.BLOCKSIZE + data[ends[1] + tarfile.BLOCKSIZE :]
+    samples = list(read_samples(io.BytesIO(broken), URL))
+    assert [(s.key, s.skip) for s in samples] == [
+        ("a", ""), (f"{URL}@{ends[1]}", "bad_tar_header"), ("b", "bad_tar_header"), ("c", "")]
+    assert f"{ends[2] - ends[1]} bytes unreadable" in samples[1].detail  # the header and b.mp4's data
 
 
 def test_duplicate_member_skips_that_sample_only() -> None:
@@ -93,12 +124,13 @@ def test_truncated_inside_first_sample_or_before_any() -> None:
     folder_only = io.BytesIO()
     with tarfile.open(fileobj=folder_only, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         add(tar, "dir", kind=tarfile.DIRTYPE)
-    assert read(folder_only.getvalue()[: tarfile.BLOCKSIZE + 100]) == [(f"{URL}#truncated", {}, "truncated_shard")]
+    assert read(folder_only.getvalue()[: tarfile.BLOCKSIZE + 100]) == [
+        ("dir", {}, "non_regular_member"), (f"{URL}#truncated", {}, "truncated_shard")]
 
 
-def test_garbage_header_counts_as_truncated() -> None:
+def test_garbage_at_the_end_counts_as_truncated() -> None:
     data, ends = shard(*TWO)
-    assert read(data[: ends[3]] + b"x" * tarfile.BLOCKSIZE + bytes(2 * tarfile.BLOCKSIZE))[-1] == ("b", {}, "truncated_shard")
+    assert read(data[: ends[3]] + b"x" * tarfile.BLOCKSIZE)[-1] == ("b", {}, "truncated_shard")
 
 
 def test_blocks_are_bounded_and_round_trip_through_a_batch() -> None:
@@ -108,7 +140,14 @@ def test_blocks_are_bounded_and_round_trip_through_a_batch() -> None:
     blocks = list(sample_blocks(io.BytesIO(data[: ends[-1] - 700]), URL, rows=2))
     assert [b.num_rows for b in blocks] == [2, 2, 1]
     assert all(set(b.column("__url__").to_pylist()) == {URL} for b in blocks)
-    # A block as the decode actors get it: Ray's numpy batch (a missing member is None).
-    read_back = [s for b in blocks for s in raw_samples({c: b.column(c).to_numpy(zero_copy_only=False) for c in b.column_names})]
+    # A block as the decode tasks get it: Ray's numpy batch (a missing member is None).
+    read_back = [s for b in blocks for _, s in raw_samples({c: b.column(c).to_numpy(zero_copy_only=False) for c in b.column_names})]
     assert read_back[:4] == samples[:4]
     assert (read_back[4].key, read_back[4].members, read_back[4].skip) == ("s4", {}, "truncated_shard")
+
+
+def test_key_registry_keeps_the_first_shard_and_forgives_retries() -> None:
+    registry = KeyRegistry()
+    assert registry.claim([("a", "s0.tar"), ("b", "s0.tar")]) == [None, None]
+    assert registry.claim([("a", "s1.tar"), ("c", "s1.tar")]) == ["s0.tar", None]  # a is s0's: a duplicate in s1
+    assert registry.claim([("a", "s0.tar")]) == [None]  # s0's task retried: still its own key

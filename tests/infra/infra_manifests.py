@@ -62,6 +62,16 @@ def ray_container(group: dict[str, Any]) -> dict[str, Any]:
     return group["template"]["spec"]["containers"][0]
 
 
+def pod_templates(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, pod template) of every pod KubeRay creates from the manifests: each cluster's head and
+    worker groups and each RayJob's submitter."""
+    templates = [(f"{label}/{name}", group["template"])
+                 for label, spec in cluster_specs(objects) for name, group in groups(spec).items()]
+    templates += [(f"RayJob/{o['metadata']['name']}/submitter", o["spec"]["submitterPodTemplate"])
+                  for o in of_kind(objects, "RayJob")]
+    return templates
+
+
 def gpu_capacity(spec: dict[str, Any]) -> int:
     """GPUs of the gpu group at maxReplicas: the most any one job can ask for at once."""
     gpu = groups(spec)["gpu"]

@@ -17,6 +17,7 @@ from infra_manifests import (
     dockerfile_last,
     groups,
     of_kind,
+    pod_templates,
     ray_container,
     ray_pin,
     rendered,
@@ -63,11 +64,11 @@ def test_core_objects_and_pod_templates_validate_against_kubernetes(variant):
     objects = rendered(variant)
     core = [obj for obj in objects if not obj["apiVersion"].startswith("ray.io/")]
     assert {obj["kind"] for obj in core} >= {"ServiceAccount", "ConfigMap"}
-    # Every Ray pod template, wrapped as a core PodTemplate, goes through the strict core schema too.
-    for label, spec in cluster_specs(objects):
-        for name, group in groups(spec).items():
-            core.append({"apiVersion": "v1", "kind": "PodTemplate",
-                         "metadata": {"name": f"{label.split('/')[1]}-{name}"}, "template": group["template"]})
+    # Every pod template (Ray groups, RayJob submitters), wrapped as a core PodTemplate, goes through the
+    # strict core schema too.
+    for label, template in pod_templates(objects):
+        core.append({"apiVersion": "v1", "kind": "PodTemplate",
+                     "metadata": {"name": "-".join(label.split("/")[1:])}, "template": template})
     for obj in core:
         try:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
@@ -123,14 +124,14 @@ def test_requests_limits_and_non_root_everywhere(variant):
     for label, spec in cluster_specs(rendered(variant)):
         autoscaler = spec["autoscalerOptions"]["resources"]
         assert {"cpu", "memory"} <= set(autoscaler["requests"]) and {"cpu", "memory"} <= set(autoscaler["limits"])
-        for name, group in groups(spec).items():
-            pod = group["template"]["spec"]
-            for container in pod["containers"] + pod.get("initContainers", []):
-                where = f"{label}/{name}/{container['name']}"
-                assert {"cpu", "memory"} <= set(container["resources"].get("requests", {})), where
-                assert {"cpu", "memory"} <= set(container["resources"].get("limits", {})), where
-            security = pod["securityContext"]
-            assert security["runAsNonRoot"] is True and security["runAsUser"] == RAY_UID, f"{label}/{name}"
+    for label, template in pod_templates(rendered(variant)):
+        pod = template["spec"]
+        for container in pod["containers"] + pod.get("initContainers", []):
+            where = f"{label}/{container['name']}"
+            assert {"cpu", "memory"} <= set(container["resources"].get("requests", {})), where
+            assert {"cpu", "memory"} <= set(container["resources"].get("limits", {})), where
+        security = pod["securityContext"]
+        assert security["runAsNonRoot"] is True and security["runAsUser"] == RAY_UID, label
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -164,15 +165,30 @@ def test_rayjob_lifecycle_is_deliberate(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_s3_credentials_only_by_reference(variant):
+    """Keys never in the repository and never in an environment variable (inherited by every process,
+    shown by `kubectl describe`): the optional Secret is mounted as a file where Ray runs, or IRSA."""
     objects = rendered(variant)
     assert of_kind(objects, "Secret") == [], "credentials never live in the repository"
-    for label, spec in cluster_specs(objects):
-        for name, group in groups(spec).items():
-            env = {item["name"]: item for item in ray_container(group).get("env", [])}
-            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-                assert "value" not in env[key], f"{label}/{name}: {key} must not be a literal"
-                assert env[key]["valueFrom"]["secretKeyRef"] == {"name": SECRET, "key": key, "optional": True}
-    assert SECRET in (REPO / "infra" / "README.md").read_text(), "README must say how to create the Secret"
+    (configmap,) = of_kind(objects, "ConfigMap")
+    credentials_file = configmap["data"]["AWS_SHARED_CREDENTIALS_FILE"]
+    for label, template in pod_templates(objects):
+        pod = template["spec"]
+        for container in pod["containers"]:
+            names = {item["name"] for item in container.get("env", [])}
+            assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}, label
+        secrets = [v for v in pod.get("volumes", []) if "secret" in v]
+        if label.endswith("/submitter"):
+            assert secrets == [], f"{label}: the submitter only talks to the dashboard"
+            continue
+        (volume,) = secrets
+        assert volume["secret"]["secretName"] == SECRET and volume["secret"]["optional"] is True, label
+        (mount,) = [m for m in ray_container({"template": template})["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["readOnly"] is True and credentials_file == f"{mount['mountPath']}/credentials", label
+    for _, spec in cluster_specs(objects):
+        autoscaler_mounts = {m["name"] for m in spec["autoscalerOptions"].get("volumeMounts", [])}
+        assert "s3-credentials" not in autoscaler_mounts, "the autoscaler needs no S3 access"
+    readme = (REPO / "infra" / "README.md").read_text()
+    assert SECRET in readme and "--from-file=credentials=" in readme, "README must say how to create the Secret"
 
 
 def test_no_credentials_in_infra_files():
@@ -190,11 +206,7 @@ def test_ray_version_matches_pyproject(variant):
 
 
 def _images(objects) -> set[str]:
-    images = set()
-    for _, spec in cluster_specs(objects):
-        for group in groups(spec).values():
-            images |= {c["image"] for c in group["template"]["spec"]["containers"]}
-    return images
+    return {c["image"] for _, template in pod_templates(objects) for c in template["spec"]["containers"]}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -51,11 +51,11 @@ def test_pretrain_rayjob_entrypoint_runs_through_ray_job_submit(ray_head, s3_ser
     out = _submit(command, ray_head["env"])
     log = (out.stdout + out.stderr)[-6000:]
     assert out.returncode == 0 and "succeeded" in out.stdout, log
-    # Both ranks' checkpoint files landed in the bucket (rank 1 writes its data cursor).
+    # Both ranks' checkpoint files landed in the bucket (rank 1 writes its data cursors and RNG state).
     bucket = s3fs.S3FileSystem(**s3_server["storage_options"])
     run_dir = f"{s3_server['bucket']}/runs/infra-e2e"
     saved = {p.rsplit("/", 1)[-1] for p in bucket.find(f"{run_dir}/checkpoint_0000004")}
-    assert {"model.safetensors", "cursor-rank-001-of-002.pt"} <= saved, f"checkpoint in {run_dir}: {saved}\n{log}"
+    assert {"model.safetensors", "rank-001-of-002.json", "COMPLETE.json"} <= saved, f"checkpoint in {run_dir}: {saved}\n{log}"
     # The job ends by printing where its results are; the workers' progress lines reach the job log.
     printed = {key: re.search(rf"{key}:\s+(\S+)", out.stdout).group(1) for key in ("metrics", "report", "checkpoint")}
     assert printed["checkpoint"] == f"s3://{run_dir}/checkpoint_0000004"

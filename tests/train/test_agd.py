@@ -1,4 +1,4 @@
-"""The AGD sampler: shared sequence across ranks, weights, round-robin, curriculum, mixed, resume."""
+"""The AGD sampler: shared sequence across ranks, weights, round-robin, curriculum, mixed, resume, realised mix."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from imp_platform.config.train import AGDConfig, CurriculumStage
-from imp_platform.train.agd import AGDSampler
+from imp_platform.train.agd import AGDSampler, mix_segments
 
 BUCKETS = {"a": {"b0": 30, "b1": 10}, "b": {"b0": 5}, "c": {"b0": 1, "b2": 1}}
 
@@ -76,3 +76,35 @@ def test_bad_configs_fail_clearly():
         AGDSampler(AGDConfig(), {"a": 0.0}, {"a": {"b": 1}}).next()
     with pytest.raises(ValueError, match="strictly increasing"):
         AGDConfig(curriculum=[CurriculumStage(start=5, weights={}), CurriculumStage(start=5, weights={})])
+
+
+def test_task_mix_counts_what_was_chosen_and_resumes():
+    rates = {"a": 1.0, "b": 0.5, "c": 0.25}
+    sampler = make("round_robin", rates=rates)
+    chosen = Counter(c[0].task for c in draw(sampler, 40))
+    sampler.mix.add_samples({"a": 8, "b": 4})
+    assert sampler.mix.steps == dict(chosen)
+    metrics = sampler.mix.metrics()
+    assert metrics["steps_frac_a"] == pytest.approx(chosen["a"] / 40) and metrics["samples_b"] == 4.0
+    resumed = make("round_robin", rates=rates)
+    resumed.load_state_dict(sampler.state_dict())
+    assert resumed.mix.state_dict() == sampler.mix.state_dict()
+    draw(resumed, 30)
+    assert resumed.mix.total_steps == 70 and sum(resumed.mix.steps.values()) == 70
+
+
+def test_mixed_mode_counts_every_task_in_each_step():
+    sampler = make("mixed")
+    draw(sampler, 5)
+    assert sampler.mix.metrics()["steps_frac_c"] == 1.0
+
+
+def test_mix_segments_cover_the_budget_with_the_weights_in_force():
+    cfg = AGDConfig(curriculum=[CurriculumStage(start=0, weights={"a": 1.0}),
+                                CurriculumStage(start=50, weights={"b": 1.0, "c": 3.0})])
+    rates = {"a": 6.0, "b": 3.0, "c": 1.0}
+    assert mix_segments(cfg, rates, 60) == [(0, 50, {"a": 1.0, "b": 0.0, "c": 0.0}),
+                                            (50, 60, {"a": 0.0, "b": 0.25, "c": 0.75})]
+    assert mix_segments(cfg, rates, 50) == [(0, 50, {"a": 1.0, "b": 0.0, "c": 0.0})]  # stage 1 is past the budget
+    assert mix_segments(AGDConfig(), rates, 10) == [(0, 10, {"a": 0.6, "b": 0.3, "c": 0.1})]
+    assert mix_segments(AGDConfig(mode="mixed"), {**rates, "c": 0.0}, 10) == [(0, 10, {"a": 1.0, "b": 1.0, "c": 0.0})]

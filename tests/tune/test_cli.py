@@ -27,3 +27,12 @@ def test_job_script_rejects_a_bad_override(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0
     assert "space.optim.lr" in proc.stderr and "must be below high" in proc.stderr
+
+
+def test_cli_refuses_a_sweep_whose_weights_cannot_act_before_any_trial(tmp_path):
+    """The shipped sweep on a budget inside its curriculum's first stage: refused, Ray never started."""
+    result = CliRunner().invoke(app, ["tune", "--space", str(REPO / "jobs" / "mixing.yaml"), "--set", "steps=20",
+                                      "--set", f"storage_path={tmp_path / 'tune'}"])
+    assert result.exit_code == 2
+    assert "tasks.audio_text.weight: masked for all 20 steps: curriculum stage 0" in result.output
+    assert not (tmp_path / "tune").exists()

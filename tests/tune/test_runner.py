@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from imp_platform.config import ConfigError
-from imp_platform.config.tune import load_sweep
+from imp_platform.tune.values import load_sweep
 
 
 def sweep_with(make_sweep, **fields):
@@ -73,3 +73,13 @@ def test_s3_storage_goes_through_storage_options(make_sweep, s3_server):
     assert not tune.Tuner.can_restore(f"{inner}/{sweep.name}", storage_filesystem=fs)
     s3fs.S3FileSystem(**s3_server["storage_options"]).pipe(f"{inner}/{sweep.name}/tuner.pkl", b"x")
     assert tune.Tuner.can_restore(f"{inner}/{sweep.name}", storage_filesystem=fs)
+
+
+def test_heldout_score_is_the_mean_of_top1_and_r1_only():
+    from imp_platform.tune.report import heldout_score
+
+    metrics = {"zeroshot_video_top1": 0.5, "zeroshot_image_top1": 0.7, "retrieval_video_text_r1": 0.3,
+               "zeroshot_video_top5": 0.9, "retrieval_video_text_r5": 0.8, "retrieval_video_text_r1_semantic": 1.0,
+               "val_loss": 2.0, "loss": 1.0}
+    assert heldout_score(metrics) == pytest.approx(0.5)
+    assert heldout_score({"val_loss": 2.0}) is None

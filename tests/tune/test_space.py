@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from imp_platform.config import ConfigError
-from imp_platform.config.tune import load_sweep
+from imp_platform.tune.values import load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,8 +20,9 @@ def load_error(make_sweep, space: dict, **fields) -> str:
 
 def test_example_sweep_loads_and_paths_are_absolute():
     sweep, base = load_sweep(REPO / "jobs" / "mixing.yaml")
-    assert set(sweep.space) == {"tasks.video_text.weight", "tasks.audio_text.weight", "model.moe.num_experts", "optim.lr"}
+    assert set(sweep.space) == {"tasks.video_text.weight", "tasks.audio_text.weight", "model.moe.num_experts"}
     assert sweep.scheduler.name == "asha" and sweep.search.name == "random"
+    assert (sweep.metric, sweep.mode) == ("heldout_score", "max")
     assert Path(sweep.storage_path).is_absolute() and Path(base.data.root).is_absolute()
     assert base.run.eval_every == 20  # the sweep's overrides reach the base config
 

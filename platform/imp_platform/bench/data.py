@@ -3,7 +3,7 @@
 (a) ceiling: the same decode functions (decord video, soundfile/torchaudio audio, tokenizers,
 PIL) called straight from tar files, one process per core, no framework; (b) what users pick
 instead: torch DataLoader + webdataset with the same decode step and the same number of
-workers; (c) our pipeline doing the same work: tar shard reader -> decode actors -> bucketed
+workers; (c) our pipeline doing the same work: tar shard reader -> decode tasks -> bucketed
 rows consumed by the driver (as training streams from raw shards), and once more as a full
 preprocess that also writes parquet + manifest. Rates are reported in steady state (from the
 first output on: the targets) and end to end (start-up included). Also the padding waste of bucketed
@@ -87,7 +87,7 @@ def ceiling(cfg: PipelineConfig, shards: list[str], workers: int, fn: Any = _dec
 
 
 class _WdsDecode:
-    """Picklable map function for webdataset: the same decode step as the Ray actors."""
+    """Picklable map function for webdataset: the same decode step as the Ray decode tasks."""
 
     def __init__(self, cfg: PipelineConfig, tokenizer_json: str | None) -> None:
         self.cfg, self.tokenizer_json = cfg, tokenizer_json
@@ -128,7 +128,7 @@ def _stream_counts(cfg: PipelineConfig) -> Iterator[int]:
 
 
 def ours_stream(cfg: PipelineConfig) -> Throughput:
-    """The pipeline doing what the baselines do: read -> decode actors -> bucketed rows, consumed here."""
+    """The pipeline doing what the baselines do: read -> decode tasks -> bucketed rows, consumed here."""
     return Throughput.measure(_stream_counts(cfg))
 
 
@@ -163,20 +163,22 @@ def _native_tokens(key: str, members: dict[str, bytes], cfg: PipelineConfig, tok
     patches = cfg.patches
     total = 0
     if "video" in found:
-        info = decode.probe_video(found["video"][1], cfg.limits)
+        info = decode.probe_video(found["video"][0][1], cfg.limits)
         fps = cfg.video.fps or info.fps or 1.0
         frames = buckets.pick_video_bucket(info.height, info.width, info.duration_s, cfg.video.buckets, fps,
                                            cfg.bucket_policy.duration)[0]  # same clip length, native H x W
         total += buckets.modality_tokens("video", (frames, info.height, info.width), patches)
     if "audio" in found:
-        wave, rate = decode.decode_audio(found["audio"][1], found["audio"][0], cfg.limits)
-        frames = int(wave.size / rate * cfg.audio.sample_rate) // cfg.audio.hop_length
+        ext, data = found["audio"][0]
+        clip = decode.decode_audio(data, ext, cfg.limits)
+        frames = int(clip.duration_s * cfg.audio.sample_rate) // cfg.audio.hop_length
         total += buckets.modality_tokens("audio_mel", (frames, cfg.audio.n_mels), patches)
     if "image" in found:
-        height, width = decode.probe_image(found["image"][1], cfg.limits)
+        height, width = decode.probe_image(found["image"][0][1], cfg.limits)
         total += buckets.modality_tokens("image", (height, width), patches)
     if "text" in found:
-        caption, _ = decode.decode_text(found["text"][1], found["text"][0], cfg.text.caption_key)
+        ext, data = found["text"][0]
+        caption = decode.decode_text(data, ext, cfg.text.caption_key).caption
         total += min(len(tokenizer.encode(caption).ids), cfg.text.max_tokens)
     return total
 
@@ -210,7 +212,7 @@ def padding_waste(cfg: PipelineConfig, shards: list[str], output: str) -> dict[s
 
 def _ratios(runs: dict[str, Throughput]) -> dict[str, float]:
     """Ours over each baseline: steady state (the targets; start-up is a fixed cost a long run
-    amortizes) and end to end (what this short input gets, Ray's decode actors' start included)."""
+    amortizes) and end to end (what this short input gets, Ray's decode workers' start included)."""
     ours_run = runs["c_ray_data_pipeline"]
     out: dict[str, float] = {}
     for key, base in (("dataloader", "b_dataloader_webdataset"), ("ceiling", "a_ceiling_same_decode"),
@@ -249,9 +251,10 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
     Speeds use the synth shards repeated (2x quick, 32x full: 4096 samples, about 40 s of
     decoding, the scale at which a real preprocess's start-up stops mattering). All three
     start warm as far as each allows: the baselines fork from this process after it imported
-    the decoders; Ray's decode actors are new processes each run and import ray.data, torch,
-    torchaudio and decord themselves (~10 s on 2 cores with the CUDA torch wheels), which the
-    end-to-end figures include.
+    the decoders; Ray's decode tasks run in pooled worker processes that import ray.data, torch,
+    torchaudio and decord once (~10 s on 2 cores with the CUDA torch wheels) and stay warm
+    between datasets: the memory runs before the timed ones warm them, as a long-lived
+    cluster would be.
     """
     import ray
 
@@ -262,7 +265,7 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         base = _input(work / "raw", quick)
         speed_dir, speed = _replicate(work, base, "speed", 2 if quick else 32)
         cfg = load_preprocess_config(None, str(speed_dir), str(work / "out-speed"), settings)
-        # Import the decoders here once so forked baseline workers start warm (Ray actors import their own).
+        # Import the decoders here once so forked baseline workers start warm (Ray's workers import their own).
         decode_or_skip(next(_tar_samples(base[0])), cfg, decode.load_tokenizer(resolve_tokenizer(cfg, base)))
         # The baselines fork worker processes: run them before Ray starts its threads here.
         runs = {"a_ceiling_same_decode": ceiling(cfg, speed, workers),

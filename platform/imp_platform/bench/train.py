@@ -4,7 +4,9 @@
 (b) MoE vs dense at equal parameters per token (Expert Choice with capacity 1.0 sends each
 token through one expert on average, so the tiny dense and tiny MoE presets match per token).
 Each arm is a real Ray Train run of the embedded config; we report training tokens/s (over the
-whole run), wall time and held-out zero-shot accuracy, with ratios against the AGD+MoE arm.
+whole run), wall time and held-out zero-shot accuracy, with ratios against the AGD+MoE arm, and
+each worker's memory: ``worker_pss_growth`` is the worst worker's PSS at the end of the run over
+its PSS at 10% of the run (the loop logs every rank's PSS with each metrics row).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def _arm(name: str, overrides: list[str], storage: str) -> dict[str, Any]:
     rows = [r for r in history if "tokens_per_s" in r]
     params = count_params(resolve_model_config(cfg))
     return {
+        **worker_memory(history, cfg.run.steps),
         "overrides": overrides,
         "steps": cfg.run.steps,
         "wall_s": round(wall, 1),
@@ -74,7 +77,20 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         "moe_vs_dense_params_per_token": _ratio(base["params_per_token"], arms["agd_dense"]["params_per_token"]),
     }
     print(table(arms))
-    return write_results(out, "train", {"quick": quick, "arms": arms, "ratios": ratios})
+    growth = max((a["worker_pss_growth"] for a in arms.values() if "worker_pss_growth" in a), default=None)
+    print(f"worker PSS growth (worst worker, final / 10% of the run): {growth}")
+    return write_results(out, "train", {"quick": quick, "arms": arms, "ratios": ratios, "worker_pss_growth": growth})
+
+
+def worker_memory(history: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    """Each worker's PSS (MiB) at 10% and at 100% of the run, and the worst worker's final/10% ratio."""
+    rows = [r for r in history if r.get("worker_pss_mb")]
+    if not rows:
+        return {}
+    early = next(r for r in rows if r["step"] >= steps / 10)
+    final = rows[-1]
+    return {"worker_pss_mb_10pct": early["worker_pss_mb"], "worker_pss_mb_final": final["worker_pss_mb"],
+            "worker_pss_growth": round(max(b / a for a, b in zip(early["worker_pss_mb"], final["worker_pss_mb"])), 3)}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from imp_platform.cli import bench, data, model, train, tune
+from imp_platform.cli import bench, cluster, data, model, train, tune
 
 app = typer.Typer(
     name="platform",
@@ -19,6 +19,7 @@ app = typer.Typer(
 app.add_typer(data.app, name="data", help="Synthesize, preprocess and inspect datasets.")
 app.add_typer(model.app, name="model", help="Model presets and parameter counts.")
 app.add_typer(bench.app, name="bench", help="Benchmarks that write JSON with ratios against in-run baselines.")
+app.add_typer(cluster.app, name="cluster", help="A local Ray head for `ray job submit`, token auth on.")
 train.register(app)
 tune.register(app)
 

@@ -1,4 +1,4 @@
-"""``platform data ...``: the embedded dataset and the Ray Data preprocessing job."""
+"""``platform data ...``: the embedded dataset, the caption tokenizer, the Ray Data preprocessing job, inspection."""
 
 from __future__ import annotations
 
@@ -57,13 +57,45 @@ def preprocess(
 
 
 @app.command()
-def inspect(
-    path: Annotated[str, typer.Argument(help="A preprocessed dataset (folder or s3:// prefix with manifest.json).")],
+def tokenizer(
+    inputs: Annotated[list[str], typer.Option("--input", help="Shards to read captions from (folder, glob or s3://); repeatable.")],
+    out: Annotated[str, typer.Option("--out", help="tokenizer.json to write (local or s3://); point text.tokenizer at it.")],
+    vocab_size: Annotated[int, typer.Option("--vocab-size", min=16, help="Vocabulary size; at most the model's vocab_size (tiny: 1024).")] = 1024,
+    kind: Annotated[str, typer.Option("--kind", help="wordpiece or bpe.")] = "wordpiece",
+    caption_key: Annotated[str, typer.Option("--caption-key", help="The json field holding the caption (string or list).")] = "caption",
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="storage_options.KEY=VALUE for s3:// inputs, e.g. --set storage_options.endpoint_url=http://minio:9000.")] = None,
 ) -> None:
-    """Print the buckets, counts and skips of a preprocessed dataset."""
-    from imp_platform.data.manifest import MANIFEST_NAME, format_summary
-    from imp_platform.data.manifest import read as read_manifest
+    """Train a lower-cased WordPiece/BPE tokenizer ([PAD]=0, [UNK]=1) on the captions of tar shards."""
+    import logging
+
+    from imp_platform.config.base import apply_overrides
+    from imp_platform.data.dataset import build_tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with user_errors():
+        if kind not in ("wordpiece", "bpe"):
+            raise typer.BadParameter(f"--kind must be wordpiece or bpe, got {kind!r}")
+        storage_options = apply_overrides({}, overrides).get("storage_options", {})
+        stats = build_tokenizer(inputs, out, vocab_size, kind, caption_key, storage_options)
+    typer.echo(f"wrote {out}: {kind} tokenizer from {stats.captions} captions in {stats.shards} shards "
+               f"({stats.samples_without_caption} samples without a caption)")
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="A preprocessed split (folder or s3:// prefix with manifest.json), or a folder of splits.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for card.json and contact_sheet_<split>.png.")] = None,
+    per_bucket: Annotated[int, typer.Option("--per-bucket", min=1, help="Samples per bucket on the contact sheet.")] = 2,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="storage_options.KEY=VALUE for an s3:// path.")] = None,
+) -> None:
+    """Print the dataset card (samples per bucket, class and split; skips; bytes per sample) and draw a contact sheet."""
+    from imp_platform.config.base import apply_overrides
+    from imp_platform.data.inspection import format_cards
+    from imp_platform.data.inspection import inspect as inspect_data
 
     with user_errors():
-        manifest = read_manifest(f"{path.rstrip('/')}/{MANIFEST_NAME}")
-    typer.echo(format_summary(manifest))
+        storage_options = apply_overrides({}, overrides).get("storage_options", {})
+        cards, sheets = inspect_data(path, out, storage_options, per_bucket)
+    typer.echo(format_cards(cards))
+    for sheet in sheets:
+        typer.echo(f"contact sheet: {sheet}")

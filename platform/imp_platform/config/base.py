@@ -3,10 +3,19 @@
 Configuration flows one way: YAML file -> ``--set a.b=c`` overrides -> pydantic model.
 Every error names the file and the dotted key, so a user can fix the YAML without
 reading a traceback.
+
+Credentials never leave a process in clear: any credential-looking key (``secret``,
+``password``, ``token``, ``aws_*``..., and ``key`` inside ``storage_options`` / ``worker_env`` /
+``client_kwargs``) is written as ``***`` by ``dump_yaml`` and ``redact``, and validation errors
+do not echo its value. Keys belong in the environment (``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY``, which s3fs reads), a Kubernetes Secret mounted as those variables,
+or IRSA, not in a config file.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,6 +23,76 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
+
+REDACTED = "***"
+_SECRET_WORDS = {"secret", "password", "passwd", "token", "credential", "credentials", "auth", "signature"}
+_SECRET_SCOPES = {"storage_options", "worker_env", "client_kwargs", "config_kwargs", "env_vars", "env"}
+_WORD = re.compile(r"[^a-z0-9]+")
+_NOT_SECRETS = {"drop_token"}  # the DropToken rate of a task, not a credential
+
+
+def is_secret(path: Sequence[Any]) -> bool:
+    """Whether the value at this key path looks like a credential.
+
+    Everywhere: a name that is or ends in a secret word (``session_token``, ``db_password``),
+    contains ``secret`` or starts with ``aws_`` (but not ``token_budget``). Inside a
+    storage/env mapping also ``key`` and any ``*_key`` / ``*_id`` (s3fs's ``key``, ``access_key_id``).
+    """
+    if not path or str(path[-1]).lower() in _NOT_SECRETS:
+        return False
+    words = [w for w in _WORD.split(str(path[-1]).lower()) if w]
+    if not words:
+        return False
+    if words[-1] in _SECRET_WORDS or "secret" in words or "password" in words or words[0] == "aws":
+        return True
+    scoped = any(str(p).lower() in _SECRET_SCOPES for p in path[:-1])
+    return scoped and words[-1] in {"key", "id"}
+
+
+def redact(data: Any, path: tuple[Any, ...] = ()) -> Any:
+    """A copy of a config mapping (or any nested value) with every credential value replaced by ``***``."""
+    if isinstance(data, dict):
+        return {k: REDACTED if is_secret((*path, k)) and v not in (None, "") else redact(v, (*path, k))
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact(v, path) for v in data]
+    return data
+
+
+def split_secrets(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``data`` redacted, ``{dotted.key: value}`` of what was redacted), to ship the two apart."""
+    secrets: dict[str, Any] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if is_secret((*path, key)) and value not in (None, ""):
+                    secrets[".".join((*path, str(key)))] = value
+                else:
+                    walk(value, (*path, str(key)))
+
+    walk(data, ())
+    return redact(data), secrets
+
+
+def merge_secrets(data: dict[str, Any], secrets: dict[str, Any]) -> dict[str, Any]:
+    """Put values taken by ``split_secrets`` back at their dotted keys (in place); returns ``data``."""
+    for dotted, value in secrets.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return data
+
+
+def drop_redacted(data: Any) -> Any:
+    """A copy without ``***`` values, so a reloaded config falls back to credentials from the environment."""
+    if isinstance(data, dict):
+        return {k: drop_redacted(v) for k, v in data.items() if v != REDACTED}
+    if isinstance(data, list):
+        return [drop_redacted(v) for v in data]
+    return data
 
 
 class StrictModel(BaseModel):
@@ -33,7 +112,10 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         else:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+            loc = tuple(item["loc"])
+            hidden = any(str(p).lower() in _SECRET_SCOPES or is_secret(loc[:i]) for i, p in enumerate(loc, 1))
+            shown = REDACTED if hidden else redact(item.get("input"), loc)  # a storage/env value may be a key
+            lines.append(f"  {key}: {item['msg']} (got {shown!r})")
     return "\n".join(lines)
 
 
@@ -93,13 +175,14 @@ def validate(cls: type[T], data: dict[str, Any], source: str = "<config>") -> T:
 
 def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
     """YAML file + overrides -> typed config of class ``cls``."""
-    data = apply_overrides(read_yaml(path), overrides)
+    data = apply_overrides(drop_redacted(read_yaml(path)), overrides)  # a saved config's *** = "from the env"
     return validate(cls, data, source=str(path))
 
 
 def dump_yaml(config: BaseModel, path: str | Path) -> Path:
-    """Write a config back to YAML (round-trips through ``load_config``)."""
+    """Write a config back to YAML, credentials as ``***`` (round-trips through ``load_config``;
+    ``drop_redacted`` turns them back into "from the environment")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    path.write_text(yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False))
     return path

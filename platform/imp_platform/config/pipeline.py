@@ -19,7 +19,7 @@ MODALITIES: tuple[str, ...] = ("video", "audio", "text", "image")
 
 DEFAULT_EXTENSIONS: dict[str, list[str]] = {
     "video": ["mp4", "webm", "mkv", "avi", "mov"],
-    "audio": ["wav", "flac", "mp3", "ogg", "m4a"],
+    "audio": ["wav", "flac", "mp3", "ogg", "opus", "m4a"],
     "text": ["txt", "json"],
     "image": ["jpg", "png", "webp"],
 }
@@ -191,6 +191,8 @@ class LimitsConfig(StrictModel):
 
     max_side: int = Field(4096, gt=0)
     max_duration_s: float = Field(3600.0, gt=0)
+    max_member_mb: float = Field(256.0, gt=0)  # a bigger tar member (sparse ones count expanded) is never read
+    sample_timeout_s: float | None = Field(60.0, gt=0)  # per-sample decode time limit; None: unbounded
 
 
 class DecodeConfig(StrictModel):
@@ -224,6 +226,12 @@ class DatasetConfig(StrictModel):
         if bad:
             raise ValueError(f"each prompt needs exactly one '{{}}' for the class name, got {bad}")
         return value
+
+    def resolve_paths(self, base_dir: str | Path) -> None:
+        """Make a relative ``classes`` file path absolute against the YAML's folder, so the
+        pipeline means the same corpus whatever the working directory of the process reading it."""
+        if isinstance(self.classes, str) and not Path(self.classes).is_absolute():
+            self.classes = str((Path(base_dir) / self.classes).resolve())
 
     def class_names(self, base_dir: str | Path | None = None) -> list[str] | None:
         """The class names (a file path is read relative to ``base_dir``), or None when none are declared."""
@@ -286,5 +294,11 @@ class PipelineConfig(StrictModel):
 
 
 def load_pipeline(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a pipeline YAML (default: the embedded moving-digits pipeline) with ``--set`` overrides."""
-    return load_config(PipelineConfig, path or EMBEDDED_PIPELINE, overrides)
+    """Load a pipeline YAML (default: the embedded moving-digits pipeline) with ``--set`` overrides.
+
+    A relative ``dataset.classes`` file is resolved against the YAML's folder.
+    """
+    path = Path(path or EMBEDDED_PIPELINE)
+    cfg = load_config(PipelineConfig, path, overrides)
+    cfg.dataset.resolve_paths(path.parent)
+    return cfg

@@ -67,8 +67,8 @@ class TaskConfig(StrictModel):
     split: str = "train"
     modalities: list[Modality] = Field(min_length=1, max_length=2)
     objectives: list[ObjectiveSpec] = Field(min_length=1)
-    label: Literal["label", "direction"] = "label"
-    num_classes: int = Field(10, gt=1)
+    label: Literal["label"] = "label"  # the processed column of class ids (-1 = unlabelled)
+    num_classes: int | None = Field(None, gt=1)  # None = the dataset's class count (its manifest or pipeline YAML)
     buckets: list[str] | None = None  # None = every bucket of the manifest
     token_budget: int = Field(4096, gt=0)
     drop_token: float = Field(0.0, ge=0, lt=1)
@@ -137,7 +137,10 @@ class RunConfig(StrictModel):
     use_gpu: bool = False
     steps: int = Field(400, gt=0)
     log_every: int = Field(10, gt=0)
-    eval_every: int = Field(100, gt=0)  # checkpoint + report + held-out eval interval
+    eval_every: int = Field(100, gt=0)  # held-out eval interval (each eval also checkpoints)
+    checkpoint_every: int = Field(50, gt=0)  # checkpoint + report interval in steps, independent of eval
+    max_nonfinite_skips: int = Field(10, gt=0)  # consecutive non-finite steps skipped before the run stops
+    max_open_streams: int = Field(8, gt=0)  # per worker; the least recently used (task, bucket) stream closes
     keep_checkpoints: int = Field(2, gt=0)
     max_failures: int = Field(2, ge=-1)
     seed: int = 0
@@ -177,6 +180,8 @@ class PretrainConfig(StrictModel):
                 raise ValueError(f"agd.curriculum stage at {stage.start} names unknown tasks {sorted(unknown)}")
         if self.run.eval_every > self.run.steps:
             self.run.eval_every = self.run.steps
+        if self.run.checkpoint_every > self.run.steps:
+            self.run.checkpoint_every = self.run.steps
         return self
 
 

@@ -2,10 +2,10 @@
 
 A sweep names a base ``PretrainConfig`` and a search space whose keys are dotted paths into
 it (``tasks.video_text.weight``, ``model.moe.num_experts``, ``optim.lr``) and whose values are
-distributions written as one-key mappings (``{loguniform: [1e-4, 3e-3]}``). Paths are checked
-against the *real* base config and every distribution's extreme values are validated as full
-``PretrainConfig`` objects, so a typo or an out-of-range bound fails before any trial starts,
-with a message naming the key.
+distributions written as one-key mappings (``{loguniform: [1e-4, 3e-3]}``). This module only
+reads and types the sweep file (config/ imports nothing outside it); checking the keys against
+the real base config, whose model part resolves through the model presets, is
+``imp_platform.tune.values.load_sweep``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from imp_platform.config.base import ConfigError, StrictModel, apply_overrides, parse_override, read_yaml, validate
-from imp_platform.config.model import ModelConfig
+from imp_platform.config.base import StrictModel, apply_overrides, parse_override, read_yaml, validate
 from imp_platform.config.train import PretrainConfig, load_pretrain_config
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -151,8 +150,10 @@ class SweepConfig(StrictModel):
     base: str | None = None  # pretrain YAML, relative to the sweep file; None = the embedded default
     overrides: list[str] = Field(default_factory=list)  # --set style, applied to the base config
     space: dict[str, Distribution] = Field(min_length=1)
-    metric: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
+    # The held-out multi-task score (mean zero-shot top-1 and retrieval R@1, tune/report.py);
+    # any metric the trials report works (val_loss with mode min, zeroshot_video_top1, ...).
+    metric: str = "heldout_score"
+    mode: Literal["min", "max"] = "max"
     num_samples: int = Field(1, gt=0)
     scheduler: SchedulerConfig = Field(default_factory=AshaScheduler)
     search: SearchConfig = Field(default_factory=SearchConfig)
@@ -189,8 +190,8 @@ class SweepConfig(StrictModel):
         return f"{self.storage_path.rstrip('/')}/{self.name}"
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, PretrainConfig]:
-    """Read a sweep YAML (+ ``--set`` overrides), load its base config and check the space against it."""
+def read_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Read and type a sweep YAML (+ ``--set`` overrides; ``space.<key>=...`` adds or replaces a key)."""
     path = Path(path)
     data = read_yaml(path)
     plain = [text for text in overrides or [] if not text.startswith("space.")]
@@ -201,9 +202,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     sweep = validate(SweepConfig, apply_overrides(data, plain), source=str(path))
     if sweep.base is not None:
         sweep.base = str((path.parent / sweep.base).resolve())  # an absolute base stays as it is
-    base = load_base(sweep)
-    check_space(sweep, base, source=str(path))
-    return sweep, base
+    return sweep
 
 
 def load_base(sweep: SweepConfig) -> PretrainConfig:
@@ -217,93 +216,10 @@ def load_base(sweep: SweepConfig) -> PretrainConfig:
 
 def with_absolute_paths(base: PretrainConfig) -> PretrainConfig:
     """``base`` with its local data and storage paths absolute (trials run in their own directories)."""
-    return apply_values(base, {"data.root": _absolute(base.data.root), "data.pipeline": _absolute(base.data.pipeline),
-                               "run.storage_path": _absolute(base.run.storage_path)})
+    data = base.data.model_copy(update={"root": _absolute(base.data.root), "pipeline": _absolute(base.data.pipeline)})
+    run = base.run.model_copy(update={"storage_path": _absolute(base.run.storage_path)})
+    return base.model_copy(update={"data": data, "run": run})
 
 
 def _absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
-
-
-def check_space(sweep: SweepConfig, base: PretrainConfig, source: str = "<sweep>") -> None:
-    """Every key must be a value path of ``base`` and every distribution's extremes a valid config."""
-    for key, dist in sweep.space.items():
-        current = _check_path(base, key, source)
-        if isinstance(dist, (Uniform, LogUniform)) and isinstance(current, int) and not isinstance(current, bool):
-            raise ConfigError(f"{source}: space.{key}: {dist.kind} samples floats but {key} is an integer; use randint or choice")
-        for value in dist.probe_values():
-            try:
-                apply_values(base, {key: value})
-            except ConfigError as exc:
-                detail = str(exc).split("\n", 1)[-1].strip()
-                raise ConfigError(f"{source}: space.{key}: value {value!r} is not valid here: {detail}") from None
-
-
-def apply_values(base: PretrainConfig, values: dict[str, Any]) -> PretrainConfig:
-    """A new config: ``base`` with each dotted path set to its value, validated as a whole."""
-    data = base.model_dump(mode="json")
-    for key, value in values.items():
-        model_key = _model_override_key(key)
-        if model_key is not None:
-            data["model"].setdefault("overrides", {})[model_key] = value
-            continue
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[part]
-        node[parts[-1]] = value
-    cfg = validate(PretrainConfig, data, source="sweep values")
-    if any(_model_override_key(key) for key in values):
-        _resolved_model(cfg)
-    return cfg
-
-
-def _model_override_key(key: str) -> str | None:
-    """``model.moe.num_experts`` -> ``moe.num_experts`` when it addresses the ModelConfig, not ModelSpec.
-
-    The train config keeps ``model`` as a preset plus dotted ``overrides`` into ``ModelConfig``;
-    sweeping ``model.X`` for a ``ModelConfig`` field X goes through those overrides.
-    """
-    parts = key.split(".")
-    if parts[0] != "model" or len(parts) < 2:
-        return None
-    spec_fields = PretrainConfig.model_fields["model"].annotation.model_fields  # type: ignore[union-attr]
-    if len(parts) == 2 and parts[1] in spec_fields:
-        return None
-    return ".".join(parts[1:])
-
-
-def _resolved_model(cfg: PretrainConfig) -> ModelConfig:
-    """The ModelConfig a PretrainConfig's model spec resolves to (the train stream's resolution)."""
-    from imp_platform.train.tasks import resolve_model_config
-
-    try:
-        return resolve_model_config(cfg)
-    except ValueError as exc:  # an unknown preset
-        raise ConfigError(f"model: {exc}") from None
-
-
-def _check_path(base: PretrainConfig, key: str, source: str) -> Any:
-    """The base value at ``key``; a ConfigError naming the key and the known keys if there is none."""
-    model_key = _model_override_key(key)
-    node: Any = _resolved_model(base) if model_key is not None else base
-    parts = model_key.split(".") if model_key is not None else key.split(".")
-    prefix = ["model"] if model_key is not None else []
-    for depth, part in enumerate(parts):
-        where = ".".join(prefix + parts[:depth]) or "<root>"
-        if isinstance(node, BaseModel):
-            known = list(type(node).model_fields)
-            if part not in known:
-                raise ConfigError(f"{source}: space.{key}: {where} has no key {part!r} (keys: {', '.join(known)})")
-            node = getattr(node, part)
-        elif isinstance(node, dict):
-            if part not in node:
-                raise ConfigError(f"{source}: space.{key}: {where} has no entry {part!r} (entries: {', '.join(map(str, node))})")
-            node = node[part]
-        elif node is None:
-            raise ConfigError(f"{source}: space.{key}: {where} is null in the base config; set it there first")
-        else:
-            raise ConfigError(f"{source}: space.{key}: {where} is a value ({type(node).__name__}), it has no key {part!r}")
-    if isinstance(node, (BaseModel, dict)):
-        raise ConfigError(f"{source}: space.{key}: is a whole section; sweep one of its values")
-    return node

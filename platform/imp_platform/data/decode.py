@@ -5,21 +5,42 @@ and count a sample instead of crashing. Decoders touch only what the clip needs:
 checked before any frame is decoded, decord resizes at decode and reads only the sampled
 frame indices, and every reader/container is closed explicitly (decord and PyAV both leak
 otherwise).
+
+Real corpora (issue 13 §1): a sample may hold several candidates of one modality (``x.mp4``
+and ``x.webm``); they are tried in the configured extension order and the sample is skipped
+only when none decodes. Work is capped by the headers and by ``limits``: audio decodes only
+the centred window it keeps (soundfile seeks, PyAV seeks and stops), a video whose header
+gives no frame count decodes at most ``UNCOUNTED_FRAME_CAP`` frames, absurd sample rates and
+channel counts are refused from the header, and ``time_limit`` bounds a whole sample.
+
+Truncated video rule: a video cut short is kept when the frames it yields are real decoded
+frames. The clip samples the frames that exist (the last decoded frame repeats where the
+header promised more); a container that cannot be opened or yields no frame is
+``corrupt_video``.
+
+Label and metadata contract: a json member's ``dataset.label_key`` may be the class index or
+the class name (validated against ``dataset.classes`` when declared; without classes an int
+>= 0 that fits int64 is kept as is); ``caption`` may be a string or a list of strings (the
+first non-empty one is tokenized); every other json field passes through as the JSON string
+column ``meta`` (with ``captions``: the whole list, when the caption was a list).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import io
 import json
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from imp_platform.config.pipeline import AudioConfig, LimitsConfig, PipelineConfig
+from imp_platform.config.pipeline import AudioConfig, DatasetConfig, LimitsConfig, PipelineConfig
 from imp_platform.data import buckets
 
 # ---------------------------------------------------------------- errors
@@ -127,7 +148,77 @@ class UnsafeMemberName(_KindError):
     kind = "unsafe_member_name"
 
 
+class AbsurdAudio(_KindError):
+    """An audio header with a sample rate or channel count no real recording has."""
+
+    kind = "absurd_audio"
+
+
+class BadLabel(_KindError):
+    """A label that is neither a class index nor a class name (a float, a bool, a list...)."""
+
+    kind = "bad_label"
+
+
+class LabelOutOfRange(_KindError):
+    """A class index below 0, not below the number of classes, or not fitting int64."""
+
+    kind = "label_out_of_range"
+
+
+class UnknownLabel(_KindError):
+    """A label name that is not among the declared classes (or no classes are declared)."""
+
+    kind = "unknown_label"
+
+
+class EmptyCaption(_KindError):
+    """No non-empty caption where text is required."""
+
+    kind = "empty_caption"
+
+
+class SampleTimeout(_KindError):
+    """A sample whose decode ran past ``limits.sample_timeout_s``."""
+
+    kind = "sample_timeout"
+
+    def __init__(self, message: str = "decoding ran past limits.sample_timeout_s") -> None:
+        super().__init__(message)  # no required argument: the watchdog raises the class itself
+
+
 ERROR_KINDS: tuple[str, ...] = tuple(cls.kind for cls in _KindError.__subclasses__())
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise ``SampleTimeout`` in this thread if the body runs longer than ``seconds``.
+
+    Works in any thread: Ray Data runs an actor's UDF off the main thread, where ``SIGALRM``
+    cannot be used, so a watchdog timer raises the exception asynchronously in the decoding
+    thread. It lands at the next Python bytecode, so it interrupts decode loops (PyAV's frame
+    loop) but not one C call that never returns. The lock makes sure the exception is never
+    raised once the body is over.
+    """
+    if not seconds:
+        yield
+        return
+    thread, lock, running = threading.get_ident(), threading.Lock(), [True]
+
+    def expire() -> None:
+        with lock:
+            if running[0]:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(SampleTimeout))
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            running[0] = False
+        timer.cancel()
 
 
 def check_member_name(name: str) -> None:
@@ -220,28 +311,49 @@ def _decode_decord(data: bytes, size: tuple[int, int, int], fps: float | None, n
         del reader
 
 
-def _decode_pyav(data: bytes, size: tuple[int, int, int], fps: float | None, info: VideoInfo) -> np.ndarray:
+# Frames a clip is sampled from at most when the header gives no frame count (a raw stream, a
+# live recording without duration): the packets are counted up to this cap without decoding,
+# and the clip is spread over those frames; the rest of the stream is never decoded.
+UNCOUNTED_FRAME_CAP = 512
+
+
+def _count_frames(data: bytes, cap: int) -> int:
+    """Video packets (one per frame) up to ``cap``, demuxed only: nothing is decoded."""
+    container = _open_container(data, CorruptVideo, "container")
+    try:
+        stream = container.streams.video[0]
+        count = 0
+        for packet in container.demux(stream):
+            count += bool(packet.size)
+            if count >= cap:
+                break
+        return count
+    finally:
+        container.close()
+
+
+def _decode_pyav(data: bytes, size: tuple[int, int, int], fps: float | None, info: VideoInfo,
+                 max_frames: int = UNCOUNTED_FRAME_CAP) -> np.ndarray:
     """Sequential decode for what decord rejects; only the sampled frames are converted and kept."""
     t, h, w = size
-    indices = sample_indices(info.num_frames, info.fps, t, fps).tolist() if info.num_frames > 0 else None
-    wanted = set(indices) if indices is not None else None
+    count = info.num_frames if info.num_frames > 0 else _count_frames(data, max_frames)
+    indices = sample_indices(count, info.fps, t, fps).tolist()
+    wanted, last = set(indices), max(indices)
     kept: dict[int, np.ndarray] = {}
     container = _open_container(data, CorruptVideo, "container")
     try:
         stream = container.streams.video[0]
         stream.thread_count = 1
         for i, frame in enumerate(container.decode(stream)):
-            if wanted is None or i in wanted:
+            if i in wanted:
                 kept[i] = frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
-            if wanted is not None and i >= max(wanted):
+            if i >= last:
                 break
     finally:
         container.close()
     if not kept:
         raise CorruptVideo("no decodable frames")
     decoded = sorted(kept)  # the header may promise more frames than the stream holds: clamp to the last one
-    if indices is None:
-        indices = sample_indices(len(decoded), info.fps, t, fps).tolist()
     return np.stack([kept[decoded[min(int(np.searchsorted(decoded, i)), len(decoded) - 1)]] for i in indices])
 
 
@@ -274,14 +386,56 @@ def decode_video(
 # ---------------------------------------------------------------- audio
 
 _SOUNDFILE_EXTS = {"wav", "flac", "ogg"}
+# What a real recording can have; a header beyond this is forged or broken (``absurd_audio``).
+MAX_SAMPLE_RATE = 768_000
+MAX_CHANNELS = 64
 
 
-def _check_duration(seconds: float, limits: LimitsConfig) -> None:
-    if seconds > limits.max_duration_s:
+@dataclass(frozen=True)
+class AudioClip:
+    """Mono float32 samples (the centred window asked for, or all), their rate, and the whole track's duration."""
+
+    wave: np.ndarray
+    rate: int
+    duration_s: float
+
+
+def _check_header(rate: int, channels: int, seconds: float | None, limits: LimitsConfig) -> None:
+    """Refuse, before any sample is decoded, rates/channel counts no recording has and absurd durations."""
+    if not 0 < rate <= MAX_SAMPLE_RATE:
+        raise AbsurdAudio(f"sample rate {rate} Hz is outside (0, {MAX_SAMPLE_RATE}]")
+    if not 0 < channels <= MAX_CHANNELS:
+        raise AbsurdAudio(f"{channels} channels is outside [1, {MAX_CHANNELS}]")
+    if seconds is not None and seconds > limits.max_duration_s:
         raise AbsurdDuration(f"audio of {seconds:.1f}s exceeds limits.max_duration_s={limits.max_duration_s}")
 
 
-def _pyav_audio(data: bytes, limits: LimitsConfig) -> tuple[np.ndarray, int]:
+def _window(seconds: float | None, max_seconds: float | None) -> tuple[float, float | None]:
+    """(start, length) in seconds of the centred window to decode; length None = to the end."""
+    if max_seconds is None or seconds is None or seconds <= max_seconds:
+        return 0.0, max_seconds
+    return (seconds - max_seconds) / 2, max_seconds
+
+
+def _soundfile_audio(data: bytes, ext: str, limits: LimitsConfig, max_seconds: float | None) -> AudioClip:
+    import soundfile
+
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as sound:
+            rate, channels = int(sound.samplerate), int(sound.channels)
+            _check_header(rate, channels, sound.frames / rate if rate > 0 else None, limits)
+            duration = sound.frames / rate
+            start, length = _window(duration, max_seconds)
+            if start:
+                sound.seek(int(start * rate))
+            wave = sound.read(-1 if length is None else int(np.ceil(length * rate)), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise CorruptAudio(f"cannot read {ext} ({exc})") from None
+    return AudioClip(wave.mean(axis=1), rate, duration)
+
+
+def _pyav_audio(data: bytes, limits: LimitsConfig, max_seconds: float | None) -> AudioClip:
+    """PyAV decode of the centred window: seek to its start when the header gives a duration, stop once it is full."""
     import av
 
     container = _open_container(data, CorruptAudio, "audio container")
@@ -289,52 +443,51 @@ def _pyav_audio(data: bytes, limits: LimitsConfig) -> tuple[np.ndarray, int]:
         if not container.streams.audio:
             raise EmptyAudio("no audio track")
         stream = container.streams.audio[0]
-        rate = int(stream.rate or stream.codec_context.sample_rate or 0)
-        if container.duration is not None:
-            _check_duration(container.duration / 1e6, limits)
+        ctx = stream.codec_context
+        rate = int(stream.rate or ctx.sample_rate or 0)
+        duration = container.duration / 1e6 if container.duration else None
+        _check_header(rate, ctx.layout.nb_channels, duration, limits)
+        start, length = _window(duration, max_seconds)
+        # Without a header duration nothing past the duration limit is decoded.
+        wanted = int(np.ceil((length or limits.max_duration_s) * rate))
+        if start:
+            container.seek(int(start / stream.time_base), stream=stream)
         resampler = av.AudioResampler(format="fltp")  # planar float, native layout and rate
-        chunks = [
-            out.to_ndarray()
-            for frame in container.decode(stream)
-            for out in resampler.resample(frame)
-        ]
+        chunks, have = [], 0
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().mean(axis=0))
+                have += chunks[-1].size
+            if have >= wanted:
+                break
     except av.FFmpegError as exc:
         raise CorruptAudio(f"cannot decode audio track ({exc})") from None
     finally:
         container.close()
-    if not chunks or rate <= 0:
+    if not chunks:
         raise EmptyAudio("audio track has no samples")
-    return np.concatenate(chunks, axis=1).T, rate
+    wave = np.concatenate(chunks)[:wanted]
+    return AudioClip(wave, rate, duration if duration is not None else wave.size / rate)
 
 
-def decode_audio(data: bytes, ext: str, limits: LimitsConfig | None = None) -> tuple[np.ndarray, int]:
-    """Audio bytes (or a video with an audio track) -> mono float32 [S] at the native rate, and that rate.
+def decode_audio(data: bytes, ext: str, limits: LimitsConfig | None = None, max_seconds: float | None = None) -> AudioClip:
+    """Audio bytes (or a video with an audio track) -> mono float32 at the native rate.
 
-    wav/flac/ogg go through soundfile, everything else (mp3, m4a, a video's soundtrack) through PyAV;
-    the header's duration is checked against ``limits`` before samples are decoded.
+    wav/flac/ogg go through soundfile, everything else (mp3, opus, m4a, a video's soundtrack)
+    through PyAV. Only the centred ``max_seconds`` window is decoded (all when None); the
+    header's rate, channels and duration are checked against ``limits`` first.
     """
     limits = limits or LimitsConfig()
     ext = ext.lower().lstrip(".")
     if not data:
         raise EmptyAudio("zero-length audio member")
-    if ext in _SOUNDFILE_EXTS:
-        import soundfile
-
-        try:
-            with soundfile.SoundFile(io.BytesIO(data)) as sound:
-                rate = sound.samplerate
-                _check_duration(sound.frames / max(rate, 1), limits)
-                wave = sound.read(dtype="float32", always_2d=True)
-        except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
-            raise CorruptAudio(f"cannot read {ext} ({exc})") from None
-    else:
-        wave, rate = _pyav_audio(data, limits)
-    mono = np.asarray(wave, dtype=np.float32).mean(axis=1)
+    clip = _soundfile_audio(data, ext, limits, max_seconds) if ext in _SOUNDFILE_EXTS else _pyav_audio(data, limits, max_seconds)
+    mono = np.asarray(clip.wave, dtype=np.float32)
     if mono.size == 0:
         raise EmptyAudio("audio has no samples")
     if not np.isfinite(mono).all():
         raise NanAudio(f"{int((~np.isfinite(mono)).sum())} of {mono.size} samples are NaN/inf")
-    return mono, int(rate)
+    return AudioClip(mono, clip.rate, clip.duration_s)
 
 
 @functools.lru_cache(maxsize=4)
@@ -390,10 +543,27 @@ def audio_features(wave: np.ndarray, rate: int, cfg: AudioConfig, clip_seconds: 
 # ---------------------------------------------------------------- text
 
 
-def decode_text(data: bytes | str | Mapping[str, Any], ext: str, caption_key: str = "caption") -> tuple[str, dict[str, Any]]:
-    """Caption member -> (caption, metadata). Strict UTF-8; json needs ``caption_key``; txt is the caption."""
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """What a caption member says: its captions (stripped, in order), whether they came as a list, and the json fields."""
+
+    captions: list[str]
+    fields: dict[str, Any]
+    caption_list: bool = False
+
+    @property
+    def caption(self) -> str:
+        """The first non-empty caption ('' when there is none): the one tokenized."""
+        return next((c for c in self.captions if c), "")
+
+
+def decode_text(data: bytes | str | Mapping[str, Any], ext: str, caption_key: str = "caption") -> Annotation:
+    """Caption member -> its annotation. Strict UTF-8; json needs ``caption_key`` (a string or a list of strings); txt is the caption."""
     if isinstance(data, Mapping):
-        meta = dict(data)
+        fields = dict(data)
     else:
         if isinstance(data, bytes):
             try:
@@ -401,17 +571,62 @@ def decode_text(data: bytes | str | Mapping[str, Any], ext: str, caption_key: st
             except UnicodeDecodeError as exc:
                 raise BadTextEncoding(f"caption is not UTF-8 ({exc})") from None
         if ext.lower().lstrip(".") != "json":
-            return data.strip(), {}
+            return Annotation([data.strip()], {})
         try:
-            meta = json.loads(data)
+            fields = json.loads(data)
         except json.JSONDecodeError as exc:
             raise CorruptText(f"caption json does not parse ({exc})") from None
-        if not isinstance(meta, dict):
-            raise CorruptText(f"caption json is a {type(meta).__name__}, not an object")
-    caption = meta.get(caption_key)
-    if not isinstance(caption, str):
-        raise CorruptText(f"caption json has no string {caption_key!r}")
-    return caption.strip(), meta
+        if not isinstance(fields, dict):
+            raise CorruptText(f"caption json is a {type(fields).__name__}, not an object")
+    caption = fields.get(caption_key)
+    if isinstance(caption, str):
+        return Annotation([caption.strip()], fields)
+    if isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption):
+        return Annotation([c.strip() for c in caption], fields, caption_list=True)
+    raise CorruptText(f"caption json has no string (or list of strings) {caption_key!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def _class_index(classes: tuple[str, ...] | str | None) -> dict[str, int] | None:
+    names = DatasetConfig(classes=list(classes) if isinstance(classes, tuple) else classes).class_names()
+    return None if names is None else {name: i for i, name in enumerate(names)}
+
+
+def class_index(dataset: DatasetConfig) -> dict[str, int] | None:
+    """Class name -> label id of the declared classes (None when none are), read once per process."""
+    classes = dataset.classes
+    return _class_index(tuple(classes) if isinstance(classes, list) else classes)
+
+
+def label_id(value: Any, classes: Mapping[str, int] | None) -> int:
+    """A json label (class index or class name; None = unlabelled) -> label id, -1 for none.
+
+    With classes declared an index must be one of theirs and a name among them; without, an
+    int >= 0 that fits int64 is kept as is and a name cannot be resolved.
+    """
+    if value is None:
+        return -1
+    if isinstance(value, str):
+        if classes is None:
+            raise UnknownLabel(f"label name {value!r} but the dataset declares no classes")
+        if value not in classes:
+            raise UnknownLabel(f"label {value!r} is not among the {len(classes)} classes")
+        return classes[value]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadLabel(f"label {value!r} is a {type(value).__name__}, not a class index or name")
+    bound = INT64_MAX if classes is None else len(classes) - 1
+    if not 0 <= value <= bound:
+        what = "int64" if classes is None else f"the {len(classes)} classes"
+        raise LabelOutOfRange(f"label {value} does not fit {what}")
+    return value
+
+
+def metadata(annotation: Annotation, caption_key: str, label_key: str) -> str:
+    """The ``meta`` column: every json field but the caption and the label, as JSON (``captions`` = the list, when it was one)."""
+    meta = {k: v for k, v in annotation.fields.items() if k not in (caption_key, label_key)}
+    if annotation.caption_list:
+        meta["captions"] = [c for c in annotation.captions if c]
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True)
 
 
 @functools.lru_cache(maxsize=4)
@@ -481,69 +696,115 @@ class DecodedSample:
     row: dict[str, Any] = field(repr=False)
 
 
-def split_members(sample: Mapping[str, Any], cfg: PipelineConfig) -> dict[str, tuple[str, Any]]:
-    """Webdataset row (``__key__`` + extension -> value) -> modality -> (extension, value), first listed extension wins."""
-    found: dict[str, tuple[str, Any]] = {}
+Candidates = list[tuple[str, Any]]  # (extension, member value) in the configured preference order
+
+
+def split_members(sample: Mapping[str, Any], cfg: PipelineConfig) -> dict[str, Candidates]:
+    """Webdataset row (``__key__`` + extension -> value) -> modality -> its members, first listed extension first.
+
+    Text members are always kept: their json carries the label and metadata even when
+    captions are not tokenized.
+    """
+    found: dict[str, Candidates] = {}
     for name, value in sample.items():
         if name.startswith("__"):
             continue
         check_member_name(name)
-        modality = cfg.modalities.modality_of(name.rsplit(".", 1)[-1])
-        wanted = modality in cfg.modalities.enabled or (modality == "video" and cfg.modalities.audio_from_video)
-        if modality is None or not wanted:
-            continue
         ext = name.rsplit(".", 1)[-1].lower()
+        modality = cfg.modalities.modality_of(ext)
+        wanted = modality in cfg.modalities.enabled or modality == "text" or (
+            modality == "video" and cfg.modalities.audio_from_video)
+        if modality is not None and wanted:
+            found.setdefault(modality, []).append((ext, value))
+    for modality, candidates in found.items():
         order = cfg.modalities.extensions[modality]
-        if modality not in found or order.index(ext) < order.index(found[modality][0]):
-            found[modality] = (ext, value)
+        candidates.sort(key=lambda c: order.index(c[0]))
     return found
 
 
-def decode_sample(sample: Mapping[str, Any], cfg: PipelineConfig, tokenizer: Any = None) -> DecodedSample:
-    """Decode every enabled modality of one webdataset sample and pick its bucket; raises ``DecodeError``."""
-    from imp_platform.data.synth import DIRECTIONS
+def first_decodable(candidates: Candidates, decode_one: Callable[[str, Any], Any]) -> Any:
+    """``decode_one`` of the first candidate that decodes; the first candidate's error when none does."""
+    errors: list[DecodeError] = []
+    for ext, value in candidates:
+        try:
+            return decode_one(ext, value)
+        except DecodeError as exc:
+            errors.append(exc)
+    raise errors[0]
 
+
+@dataclass(frozen=True)
+class _Video:
+    """A decoded video candidate: its bytes and extension (its soundtrack may be wanted), header, frames."""
+
+    ext: str
+    data: bytes
+    info: VideoInfo
+    frames: np.ndarray | None
+
+
+def _video(ext: str, data: bytes, cfg: PipelineConfig) -> _Video:
+    """Probe one video candidate and, when video is enabled, decode its clip at the bucket it picks."""
+    info = probe_video(data, cfg.limits)
+    frames = None
+    if "video" in cfg.modalities.enabled:
+        size = buckets.pick_video_bucket(info.height, info.width, info.duration_s, cfg.video.buckets,
+                                         cfg.video.fps or info.fps or 1.0, cfg.bucket_policy.duration)
+        frames = decode_video(data, size, cfg.video.fps, info=info, num_threads=cfg.decode.num_threads)
+    return _Video(ext, data, info, frames)
+
+
+def _audio(ext: str, data: bytes, cfg: PipelineConfig) -> dict[str, np.ndarray]:
+    """Decode the centred window of the longest clip bucket, then crop it to the bucket its duration picks."""
+    clip = decode_audio(data, ext, cfg.limits, max_seconds=max(cfg.audio.clip_seconds))
+    seconds = cfg.audio.clip_seconds[buckets.pick_duration(clip.duration_s, cfg.audio.clip_seconds, cfg.bucket_policy.duration)]
+    return audio_features(clip.wave, clip.rate, cfg.audio, seconds)
+
+
+def _text(annotation: Annotation, cfg: PipelineConfig, tokenizer: Any) -> dict[str, np.ndarray]:
+    """Tokenize the first non-empty caption into its length bucket; none where text is required is ``empty_caption``."""
+    if not annotation.caption:
+        if "text" in cfg.modalities.required:
+            raise EmptyCaption("every caption is empty")
+        return {}
+    if tokenizer is None:
+        raise ValueError("decode_sample needs a tokenizer when the text modality is enabled")
+    ids, mask = tokenize(annotation.caption, tokenizer, cfg.text.max_tokens)
+    length = buckets.pick_text_length(int(mask.sum()), cfg.text.length_buckets)
+    return {"text_ids": ids[:length], "text_mask": mask[:length]}
+
+
+def decode_sample(sample: Mapping[str, Any], cfg: PipelineConfig, tokenizer: Any = None) -> DecodedSample:
+    """Decode every enabled modality of one webdataset sample and pick its bucket; raises ``DecodeError``.
+
+    The row: key, label (int64, -1 = none), caption (the tokenized one, '' = none), meta (JSON
+    string of the other json fields), and one array per decoded tensor column.
+    """
     key = str(sample.get("__key__", ""))
     check_member_name(key)
     members = split_members(sample, cfg)
-    info = probe_video(members["video"][1], cfg.limits) if "video" in members else None
-    audio_from_video = "audio" not in members and info is not None and info.has_audio and cfg.modalities.audio_from_video
-    missing = [m for m in cfg.modalities.required if m not in members and not (m == "audio" and audio_from_video)]
+    row: dict[str, Any] = {"key": key, "label": -1, "caption": "", "meta": "{}"}
+    if "text" in members:  # the label is checked before any media is decoded
+        annotation = first_decodable(members["text"], lambda ext, data: decode_text(data, ext, cfg.text.caption_key))
+        row.update(label=label_id(annotation.fields.get(cfg.dataset.label_key), class_index(cfg.dataset)),
+                   caption=annotation.caption, meta=metadata(annotation, cfg.text.caption_key, cfg.dataset.label_key))
+        if "text" in cfg.modalities.enabled:
+            row.update(_text(annotation, cfg, tokenizer))
+    video = first_decodable(members["video"], lambda ext, data: _video(ext, data, cfg)) if "video" in members else None
+    audio_from_video = "audio" not in members and video is not None and video.info.has_audio and cfg.modalities.audio_from_video
+    present = {*members, *(["audio"] if audio_from_video else []), *(["text"] if "text_ids" in row else [])}
+    missing = [m for m in cfg.modalities.required if m not in present]
     if missing:
         raise MissingModality(f"sample {key!r} has no {', '.join(missing)} member (has {sorted(members)})")
-
-    row: dict[str, Any] = {"key": key, "label": -1, "direction": -1, "caption": ""}
-    shapes: dict[str, list[int]] = {}
-    policy = cfg.bucket_policy.duration
-    if info is not None and "video" in cfg.modalities.enabled:
-        data = members["video"][1]
-        size = buckets.pick_video_bucket(info.height, info.width, info.duration_s, cfg.video.buckets,
-                                         cfg.video.fps or info.fps or 1.0, policy)
-        row["video"] = decode_video(data, size, cfg.video.fps, info=info, num_threads=cfg.decode.num_threads)
+    if video is not None and video.frames is not None:
+        row["video"] = video.frames
     if "audio" in cfg.modalities.enabled and ("audio" in members or audio_from_video):
-        ext, data = members.get("audio") or members["video"]
-        wave, rate = decode_audio(data, ext, cfg.limits)
-        duration = wave.size / rate
-        clip = cfg.audio.clip_seconds[buckets.pick_duration(duration, cfg.audio.clip_seconds, policy)]
-        row.update(audio_features(wave, rate, cfg.audio, clip))
-    if "text" in members:
-        if tokenizer is None:
-            raise ValueError("decode_sample needs a tokenizer when the text modality is enabled")
-        caption, meta = decode_text(members["text"][1], members["text"][0], cfg.text.caption_key)
-        ids, mask = tokenize(caption, tokenizer, cfg.text.max_tokens)
-        length = buckets.pick_text_length(int(mask.sum()), cfg.text.length_buckets)
-        row.update(caption=caption, text_ids=ids[:length], text_mask=mask[:length])
-        if isinstance(meta.get("label"), int):
-            row["label"] = meta["label"]
-        if meta.get("direction") in DIRECTIONS:
-            row["direction"] = DIRECTIONS.index(meta["direction"])
-    if "image" in members:
-        data = members["image"][1]
-        height, width = probe_image(data, cfg.limits)
-        row["image"] = decode_image(data, buckets.pick_image_bucket(height, width, cfg.image.buckets), cfg.limits)
-    for column in ("video", "image", "audio_mel", "audio_wave", "text_ids"):
-        if column in row:
-            shapes[column] = list(row[column].shape)
+        candidates = members.get("audio") or [(video.ext, video.data)]
+        row.update(first_decodable(candidates, lambda ext, data: _audio(ext, data, cfg)))
+    if "image" in members and "image" in cfg.modalities.enabled:
+        row["image"] = first_decodable(members["image"], lambda ext, data: decode_image(
+            data, buckets.pick_image_bucket(*probe_image(data, cfg.limits), cfg.image.buckets), cfg.limits))
+    shapes = {c: list(row[c].shape) for c in ("video", "image", "audio_mel", "audio_wave", "text_ids") if c in row}
     if not shapes:
         raise MissingModality(f"sample {key!r} has no member of an enabled modality")
     return DecodedSample(key=key, bucket=buckets.bucket_name(shapes), shapes=shapes, row=row)

@@ -8,12 +8,18 @@ training side can find every bucket's files and row groups without listing the o
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from imp_platform.data.sources import filesystem
 
 MANIFEST_NAME = "manifest.json"
+# A manifest being written on local disk: ``manifest.json.tmp-<id>``, renamed over the manifest when complete.
+TMP_SUFFIX = ".tmp-"
 # Keys kept per skip kind in ``skipped_examples``; counts in ``skipped`` are always complete.
 MAX_EXAMPLES_PER_KIND = 1000
 
@@ -95,15 +101,35 @@ def build(
 
 
 def write(manifest: dict[str, Any], url: str, storage_options: dict[str, Any] | None = None) -> None:
-    with fsspec.open(url, "w", **(storage_options or {})) as fh:
-        json.dump(manifest, fh, indent=2)
+    """Replace the manifest at ``url`` in one step: a reader (or a crash) sees the old one or the new
+    one, never a torn file. The manifest is the commit point of a preprocess run (readers use only
+    the files it names), so this write comes last, after every file it names is closed.
+
+    Local disk: a temporary file beside it, fsynced, then ``os.replace`` (atomic within a folder).
+    Object stores (S3): a single PUT is atomic already.
+    """
+    fs, path = filesystem(url, storage_options)
+    data = json.dumps(manifest, indent=2).encode("utf-8")
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{path}{TMP_SUFFIX}{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def read(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load a manifest; a missing one says which output folder lacks it."""
+    fs, path = filesystem(url, storage_options)
     try:
-        with fsspec.open(url, "r", **(storage_options or {})) as fh:
-            return json.load(fh)
+        return json.loads(fs.cat_file(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"no {MANIFEST_NAME} at {url}: run `platform data preprocess` first") from None
 

@@ -27,14 +27,35 @@ class ShardListing:
 
     shards: list[str] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    raw_bytes: int = 0  # summed size of the readable shards (the dataset card's raw bytes per sample)
 
     def skip(self, kind: str, path: str) -> None:
         self.skipped.setdefault(kind, []).append(path)
 
 
+# S3 blips (503 SlowDown, a reset or stalled connection) must cost a retry, not a job: botocore's
+# ``standard`` mode retries throttling, 5xx and connection/timeout errors with exponential backoff
+# and jitter; the timeouts turn a stalled request into such an error instead of a hang. Reads and
+# writes alike (s3fs for shards, parquet, manifests and checkpoints all come from ``filesystem``).
+# Per source/output/run, ``storage_options.config_kwargs`` overrides any key, e.g.
+# ``--set output.storage_options.config_kwargs.read_timeout=120``.
+S3_CONFIG_DEFAULTS: dict[str, Any] = {
+    "retries": {"max_attempts": 10, "mode": "standard"},
+    "connect_timeout": 10,
+    "read_timeout": 60,
+}
+
+
+def with_s3_defaults(path: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """``storage_options`` with ``S3_CONFIG_DEFAULTS`` under the keys it leaves unset (s3:// only)."""
+    if not str(path).startswith(("s3://", "s3a://")):
+        return storage_options
+    return {**storage_options, "config_kwargs": {**S3_CONFIG_DEFAULTS, **storage_options.get("config_kwargs", {})}}
+
+
 def filesystem(path: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``path`` (local or ``s3://``) and the path inside it."""
-    return url_to_fs(str(path), **(storage_options or {}))
+    """The fsspec filesystem for ``path`` (local or ``s3://``, with retries and timeouts) and the path inside it."""
+    return url_to_fs(str(path), **with_s3_defaults(str(path), storage_options or {}))
 
 
 def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -112,6 +133,7 @@ def list_shards(paths: list[str] | str, storage_options: dict[str, Any] | None =
                 listing.skip(kind, full_url(fs, name))
             else:
                 listing.shards.append(full_url(fs, name))
+                listing.raw_bytes += int(info.get("size") or 0)
     if not listing.shards:
         raise FileNotFoundError(f"no readable tar shards under {paths!r} (skipped: {listing.skipped})")
     return listing

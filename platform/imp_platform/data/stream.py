@@ -4,7 +4,10 @@ Ray Data has no checkpointable iterator (ray #37633, #48224), so the training st
 the preprocessed parquet itself (pyarrow + fsspec) and owns its sample order: every epoch a
 seeded permutation of the bucket's row groups is cut into ``world_size`` contiguous, disjoint
 slices; each rank shuffles its slice window by window. The position is two integers
-(epoch, rows consumed), so ``state_dict()`` saved in a training checkpoint resumes exactly.
+(epoch, rows consumed), so ``state_dict()`` saved in a training checkpoint resumes exactly;
+``resume()`` takes every rank's saved state, so a run resumed on another number of workers
+finishes the interrupted epoch with the rows nobody read yet (none twice) and then follows
+the new world size's plan.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: ``carry`` (an epoch finished for a run of another world size)
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,12 @@ class _RowGroupReader:
         table = self._files[file_idx].read_row_group(group_idx, columns=self.columns).slice(start, stop - start)
         return {name: _column_to_numpy(table.column(name), self.info.columns[name]) for name in self.columns}
 
+    def close(self) -> None:
+        """Close the file handles (each holds a reader buffer; a long run opens many streams)."""
+        for handle in self._files.values():
+            handle.close(force=True)  # we opened the file object, so ParquetFile would not close it
+        self._files = {}
+
 
 def _concat(parts: list[Batch]) -> Batch:
     if len(parts) == 1:
@@ -145,11 +154,94 @@ def _take(batch: Batch, index: np.ndarray | slice) -> Batch:
 
 @dataclass(frozen=True)
 class _Window:
-    """Consecutive row-group segments of one rank's epoch slice, shuffled together."""
+    """Row-group segments of one rank's epoch slice, read and shuffled together."""
 
     start: int  # offset of the window's first row in the rank's epoch sequence
     rows: int
     segments: tuple[tuple[int, int, int], ...]  # (unit, first row, end row)
+    # Row order into the concatenated segments; None = the seeded shuffle. Set for the rows left
+    # over from an epoch that other ranks began (a resume on another world size).
+    order: tuple[int, ...] | None = None
+
+
+def _epoch_windows(groups: tuple[tuple[int, int, int], ...], seed: int, epoch: int, rank: int, world_size: int,
+                   shuffle_window: int) -> list[_Window]:
+    """``rank``'s windows for ``epoch``: a seeded row-group order, cut into ``world_size`` contiguous slices."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(groups))
+    sizes = np.array([groups[u][2] for u in order])
+    ends = np.cumsum(sizes)
+    total = int(ends[-1])
+    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    windows: list[_Window] = []
+    segments: list[tuple[int, int, int]] = []
+    start = rows = 0
+    for unit, end, size in zip(order, ends, sizes, strict=True):
+        first, last, base = max(lo, int(end - size)), min(hi, int(end)), int(end - size)
+        if first >= last:
+            continue
+        segments.append((int(unit), first - base, last - base))
+        rows += last - first
+        if rows >= shuffle_window:
+            windows.append(_Window(start, rows, tuple(segments)))
+            start, rows, segments = start + rows, 0, []
+    if segments:
+        windows.append(_Window(start, rows, tuple(segments)))
+    return windows
+
+
+def _shuffle(seed: int, epoch: int, rank: int, index: int, rows: int) -> np.ndarray:
+    """The seeded row order of one window (a pure function, so a cursor can be replayed without reading)."""
+    return np.random.default_rng([seed, epoch, rank, index]).permutation(rows)
+
+
+def _window_ids(window: _Window, order: Sequence[int] | np.ndarray) -> np.ndarray:
+    """[rows, 2] (unit, row) ids of a window's rows in the order it yields them."""
+    ids = np.concatenate([np.stack([np.full(b - a, unit), np.arange(a, b)], axis=1) for unit, a, b in window.segments])
+    return ids[np.asarray(order)]
+
+
+def _sequence(groups: tuple[tuple[int, int, int], ...], state: dict[str, Any]) -> np.ndarray:
+    """Every (unit, row) id a saved rank yields in its saved epoch, in order (offset 0 to the end)."""
+    if state.get("carry"):
+        return _share(_leftover(groups, state["carry"])[1], state["rank"], state["world_size"])
+    seed, epoch, rank = state["seed"], state["epoch"], state["rank"]
+    windows = _epoch_windows(groups, seed, epoch, rank, state["world_size"], state["shuffle_window"])
+    parts = [_window_ids(w, _shuffle(seed, epoch, rank, i, w.rows)) for i, w in enumerate(windows)]
+    return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=int)
+
+
+def _leftover(groups: tuple[tuple[int, int, int], ...], states: Sequence[dict[str, Any]]) -> tuple[int, np.ndarray]:
+    """(epoch, ids not yet yielded by any rank in it) from the saved states of every rank of one world.
+
+    The epoch is the earliest any rank is in; a rank that already wrapped into the next one has
+    nothing left in it (the few rows it read of the next epoch may come again there).
+    """
+    epoch = min(int(s["epoch"]) for s in states)
+    parts = [_sequence(groups, s)[int(s["offset"]):] for s in sorted(states, key=lambda s: s["rank"])
+             if int(s["epoch"]) == epoch]
+    return epoch, np.concatenate(parts) if parts else np.zeros((0, 2), dtype=int)
+
+
+def _share(ids: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """``rank``'s contiguous, disjoint share of ``ids``."""
+    return ids[rank * len(ids) // world_size:(rank + 1) * len(ids) // world_size]
+
+
+def _id_windows(ids: np.ndarray, shuffle_window: int) -> list[_Window]:
+    """Windows that yield ``ids`` in order, each reading the row range it needs of each row group once."""
+    windows: list[_Window] = []
+    for start in range(0, len(ids), shuffle_window):
+        chunk = ids[start:start + shuffle_window]
+        segments, base, position = [], 0, {}
+        for unit in dict.fromkeys(chunk[:, 0].tolist()):
+            rows = chunk[chunk[:, 0] == unit, 1]
+            first, last = int(rows.min()), int(rows.max()) + 1
+            segments.append((unit, first, last))
+            position[unit] = base - first
+            base += last - first
+        order = tuple(int(position[u] + r) for u, r in chunk.tolist())
+        windows.append(_Window(start, len(chunk), tuple(segments), order))
+    return windows
 
 
 class BucketStream:
@@ -179,6 +271,7 @@ class BucketStream:
         self.rank, self.world_size, self.seed, self.shuffle_window = rank, world_size, seed, shuffle_window
         self.epoch = 0
         self.offset = 0  # rows of this rank's epoch slice already yielded
+        self._carry: list[dict[str, Any]] | None = None  # other ranks' states whose epoch this one finishes
         self._plans: dict[int, list[_Window]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stream-{info.name}")
         self._current: tuple[tuple[int, int], Batch] | None = None
@@ -186,7 +279,7 @@ class BucketStream:
 
     # -- position -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The position to save in a checkpoint (plain ints/strings, JSON-safe)."""
+        """The position to save in a checkpoint (plain ints/strings/lists, JSON-safe)."""
         return {
             "version": STATE_VERSION,
             "bucket": self.reader.info.name,
@@ -196,55 +289,73 @@ class BucketStream:
             "shuffle_window": self.shuffle_window,
             "epoch": self.epoch,
             "offset": self.offset,
+            "carry": self._carry,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position; the order-defining settings must match."""
+        """Continue from a position this rank saved at this world size; the order-defining settings must match."""
+        self._check(state, ("version", "bucket", "seed", "rank", "world_size", "shuffle_window"))
+        self._current, self._next, self._plans = None, {}, {}
+        self.epoch, self.offset, self._carry = int(state["epoch"]), int(state["offset"]), None
+        if state.get("carry"):
+            self._finish_epoch_of(state["carry"], self.offset)
+
+    def resume(self, states: Sequence[dict[str, Any]]) -> None:
+        """Continue from the saved states of every rank of a run, at this or another world size.
+
+        At the same world size this is ``load_state_dict`` of our own state. Otherwise the rows
+        the old ranks had not yet read in their epoch are split among the new ranks (no row
+        read twice within it) and the next epoch starts on the new world size's plan.
+        """
+        own = [s for s in states if (s["rank"], s["world_size"]) == (self.rank, self.world_size)]
+        if own:
+            self.load_state_dict(own[0])
+            return
+        for state in states:  # the window may differ: batch sizes depend on the world size
+            self._check(state, ("version", "bucket", "seed"))
+        worlds = {int(s["world_size"]) for s in states}
+        if len(worlds) != 1 or sorted(int(s["rank"]) for s in states) != list(range(worlds.pop())):
+            raise ValueError(f"stream {self.reader.info.name}: need the states of every rank of one run, got ranks "
+                             f"{sorted((s['rank'], s['world_size']) for s in states)}")
+        self._current, self._next, self._plans = None, {}, {}
+        self.offset = 0
+        self._finish_epoch_of(list(states), 0)
+
+    def _check(self, state: dict[str, Any], keys: tuple[str, ...]) -> None:
         mine = self.state_dict()
-        for key in ("version", "bucket", "seed", "rank", "world_size", "shuffle_window"):
+        for key in keys:
             if state.get(key) != mine[key]:
-                raise ValueError(f"stream state mismatch on {key!r}: saved {state.get(key)!r}, this stream {mine[key]!r}")
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-        self._current, self._next = None, {}
+                raise ValueError(f"stream state mismatch on {key!r}: saved {state.get(key)!r}, "
+                                 f"this stream {mine[key]!r}")
+
+    def _finish_epoch_of(self, carry: list[dict[str, Any]], offset: int) -> None:
+        """Plan this rank's share of the rows ``carry``'s ranks left in their epoch, from ``offset`` on."""
+        epoch, ids = _leftover(self.reader.info.row_groups, carry)
+        mine = _share(ids, self.rank, self.world_size)
+        self.epoch, self.offset = epoch, offset
+        if offset >= len(mine):  # nothing of that epoch left for us
+            self.epoch, self.offset, self._carry = epoch + 1, 0, None
+            return
+        self._carry = carry
+        self._plans[epoch] = _id_windows(mine, self.shuffle_window)
 
     # -- plan ---------------------------------------------------------------------------
     def _plan(self, epoch: int) -> list[_Window]:
-        """This rank's windows for ``epoch``: a seeded row-group order, sliced per rank."""
+        """This rank's windows for ``epoch`` (a finished-for-others epoch is planned by ``_finish_epoch_of``)."""
         if epoch not in self._plans:
-            groups = self.reader.info.row_groups
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(groups))
-            sizes = np.array([groups[u][2] for u in order])
-            ends = np.cumsum(sizes)
-            total = int(ends[-1])
-            lo, hi = self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size
-            windows: list[_Window] = []
-            segments: list[tuple[int, int, int]] = []
-            start = rows = 0
-            for unit, end, size in zip(order, ends, sizes, strict=True):
-                first = max(lo, int(end - size))
-                last = min(hi, int(end))
-                if first >= last:
-                    continue
-                base = int(end - size)
-                segments.append((int(unit), first - base, last - base))
-                rows += last - first
-                if rows >= self.shuffle_window:
-                    windows.append(_Window(start, rows, tuple(segments)))
-                    start, rows, segments = start + rows, 0, []
-            if segments:
-                windows.append(_Window(start, rows, tuple(segments)))
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-            self._plans[epoch] = windows
+            self._plans[epoch] = _epoch_windows(self.reader.info.row_groups, self.seed, epoch, self.rank,
+                                                self.world_size, self.shuffle_window)
         return self._plans[epoch]
 
     def _load(self, window: _Window, epoch: int, index: int) -> Batch:
-        """Read a window's segments (in the prefetch thread) and shuffle its rows, seeded."""
+        """Read a window's segments (in the prefetch thread) and put its rows in order, seeded."""
         parts = [self.reader.read(unit, a, b) for unit, a, b in window.segments]
-        order = np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(window.rows)
-        return _take(_concat(parts), order)
+        order = window.order if window.order is not None else _shuffle(self.seed, epoch, self.rank, index, window.rows)
+        return _take(_concat(parts), np.asarray(order))
 
     def _window(self, epoch: int, index: int) -> Batch:
-        """The shuffled rows of one window, kept while in use; the next one loads meanwhile.
+        """The ordered rows of one window, kept while in use; the next one loads meanwhile.
 
         Plans are made here, on the caller's thread; the pool thread only reads parquet.
         """
@@ -275,11 +386,14 @@ class BucketStream:
             need -= take
             self.offset += take
             if self.offset >= plan[-1].start + plan[-1].rows:
-                self.epoch, self.offset = self.epoch + 1, 0
+                self.epoch, self.offset, self._carry = self.epoch + 1, 0, None
         return _concat(parts)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the prefetch thread and close the open parquet files (a closed stream can be reopened from its state)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)  # a read in flight finishes before its file closes
+        self._current, self._next = None, {}
+        self.reader.close()
 
 
 class ProcessedDataset:

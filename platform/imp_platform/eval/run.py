@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,25 +14,39 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, float]
+    metrics: dict[str, Any]  # scalars, plus ``zeroshot_<family>_confusion`` as nested lists
     metrics_path: Path
     report_path: Path
 
 
 def write_outputs(metrics: dict[str, Any], history: list[dict[str, Any]], out_dir: str | Path,
-                  title: str = "imp-platform run") -> tuple[Path, Path]:
-    """``out_dir/metrics.json`` and ``out_dir/report.png`` (history plus the final metrics as the last point)."""
+                  title: str = "imp-platform run", classes: Sequence[str] | None = None) -> tuple[Path, Path]:
+    """``out_dir/metrics.json`` and ``out_dir/report.png`` (history plus the final metrics as the last point).
+
+    ``metrics`` may hold ``zeroshot_<family>_confusion`` (nested lists) besides scalars;
+    ``classes`` names the zero-shot classes in the report.
+    """
     from imp_platform.eval.report import write_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    points = list(history)
-    if metrics.get("step") is not None and not any(r.get("step") == metrics["step"] for r in points):
-        points.append(metrics)
-    report_path = write_report(points, out_dir / "report.png", title=title)
+    report_path = write_report(report_points(metrics, history), out_dir / "report.png", title=title, classes=classes)
     return metrics_path, report_path
+
+
+def report_points(metrics: dict[str, Any], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history with the eval's metrics joined to the row of their step (a checkpoint's last
+    row is the training-time eval of that step, scalars only), or appended as a new point."""
+    points = [dict(row) for row in history]
+    if metrics.get("step") is not None:
+        same = [row for row in points if row.get("step") == metrics["step"]]
+        if same:
+            same[-1].update(metrics)
+        else:
+            points.append(metrics)
+    return points
 
 
 def evaluate_checkpoint(path: str, out_dir: str | Path | None = None, *, max_samples: int | None = None,
@@ -58,8 +73,11 @@ def evaluate_checkpoint(path: str, out_dir: str | Path | None = None, *, max_sam
         step = int(load_train_state(directory)["step"])
     if max_samples is not None:
         cfg.eval.max_samples = max_samples
-    metrics: dict[str, Any] = {"step": step, **HeldOut.open(cfg).evaluate(model)}
+    heldout = HeldOut.open(cfg)
+    metrics: dict[str, Any] = {"step": step, **heldout.run(model).as_json()}
     out_dir = Path(out_dir) if out_dir else Path("runs") / cfg.run.name / "eval"
-    metrics_path, report_path = write_outputs(metrics, history, out_dir, title=f"{cfg.run.name} @ step {step}")
-    log.info("eval of %s: %s", path, {k: round(v, 4) for k, v in metrics.items() if "top1" in k or k.endswith("_r1")})
+    metrics_path, report_path = write_outputs(metrics, history, out_dir, title=f"{cfg.run.name} @ step {step}",
+                                              classes=heldout.card.classes)
+    log.info("eval of %s: %s", path, {k: round(v, 4) for k, v in metrics.items()
+                                      if k.endswith(("_top1", "_r1", "_r1_semantic"))})
     return EvalResult(metrics, metrics_path, report_path)

@@ -11,7 +11,8 @@ from imp_platform.memory import PeakMemory
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ("zeroshot_video_top1", "zeroshot_audio_top1", "zeroshot_image_top1", "retrieval_video_text_r1")
+HEADLINE = ("zeroshot_video_top1", "zeroshot_audio_top1", "zeroshot_image_top1", "retrieval_video_text_r1",
+            "retrieval_video_text_r1_semantic")
 
 
 def run_pretrain(config: str | Path | None = None, overrides: list[str] | None = None) -> dict:

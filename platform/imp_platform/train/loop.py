@@ -4,6 +4,13 @@ Every worker makes the same calls in the same order: the AGD sampler is seeded i
 eval runs on rank 0 and its metrics are broadcast, and every worker calls ``ray.train.report``
 at the same steps (a mismatch hangs Train V2, ray #50874). Metrics always travel with a
 checkpoint (metrics without one are not kept, ray #56718).
+
+Checkpoints are taken every ``run.checkpoint_every`` steps, at every eval and at the end, with
+each rank's RNG states and stream cursors, so a resumed run computes what an uninterrupted
+one would have. A step whose loss (on any rank) or averaged gradient is not finite is skipped
+on every rank: no optimizer update (the lr schedule still advances: it is a function of the
+step, and the skipped batch is lost data, not a pause); ``run.max_nonfinite_skips`` in a row
+stop the run with an error naming the tasks and buckets.
 """
 
 from __future__ import annotations
@@ -11,20 +18,23 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import tempfile
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from imp_platform.config.train import PretrainConfig
 from imp_platform.memory import reuse_large_allocations
 from imp_platform.train import checkpoint as ckpt
 from imp_platform.train.agd import AGDSampler, Choice
-from imp_platform.train.dist import allreduce_gradients, broadcast_object, broadcast_parameters
+from imp_platform.train.dist import allreduce_gradients, broadcast_object, broadcast_parameters, is_distributed
 from imp_platform.train.metrics import MetricsWindow, TensorBoardLogger, progress_line, scalar_metrics
 from imp_platform.train.optim import build_optimizer, build_scheduler, clip_gradients
 from imp_platform.train.tasks import resolve_model_config, run_task, task_columns, tokens_per_sample
@@ -34,8 +44,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Tests set this (worker env) to get each attempt's pid, resume step and per-step grad digests.
+# Tests set this (worker env) to get each attempt's pid, resume step and per-step grad/weight digests.
 DEBUG_DIR_ENV = "IMP_TRAIN_DEBUG_DIR"
+# The config's credentials ({dotted.key: value}), set by ``build_trainer`` in the workers' environment.
+SECRETS_ENV = "IMP_CONFIG_SECRETS"
+
+
+def with_worker_secrets(cfg: PretrainConfig) -> PretrainConfig:
+    """``cfg`` (redacted in ``train_loop_config``) with the credentials from ``$IMP_CONFIG_SECRETS`` put back."""
+    import json
+
+    from imp_platform.config.base import merge_secrets
+
+    secrets = os.environ.get(SECRETS_ENV)
+    if not secrets:
+        return cfg
+    return PretrainConfig.model_validate(merge_secrets(cfg.model_dump(mode="json"), json.loads(secrets)))
 
 
 def _debug(rank: int, name: str, text: str) -> None:
@@ -87,33 +111,71 @@ def stream_seed(run_seed: int, task: str, bucket: str) -> int:
 
 
 class Streams:
-    """Lazily opened per-(task, bucket) resumable streams of this rank's shard."""
+    """Per-(task, bucket) resumable streams of this rank's shard, opened lazily, at most ``max_open`` at once.
+
+    Each open stream holds a prefetch thread, two shuffle windows and its parquet file handles;
+    the least recently used one is closed past ``max_open`` (its position kept, so it reopens
+    exactly where it was).
+    """
 
     def __init__(self, cfg: PretrainConfig, datasets: dict[str, Any], plans: dict[str, dict[str, BucketPlan]],
                  rank: int, world_size: int):
         self.cfg, self.datasets, self.plans = cfg, datasets, plans
         self.rank, self.world_size = rank, world_size
-        self._streams: dict[str, Any] = {}
-        self._pending: dict[str, Any] = {}
+        self._streams: OrderedDict[str, Any] = OrderedDict()
+        self._pending: dict[str, list[dict[str, Any]]] = {}  # key -> saved states (of every rank, any world size)
 
     def next(self, choice: Choice) -> dict[str, Any]:
         key = f"{choice.task}/{choice.bucket}"
         if key not in self._streams:
-            task, plan = self.cfg.tasks[choice.task], self.plans[choice.task][choice.bucket]
-            stream = self.datasets[task.split].stream(
-                plan.info, plan.batch_size, task_columns(task),
-                self.rank, self.world_size, stream_seed(self.cfg.run.seed, choice.task, choice.bucket),
-                shuffle_window=self.cfg.run.shuffle_batches * plan.batch_size)
-            if key in self._pending:
-                stream.load_state_dict(self._pending.pop(key))
-            self._streams[key] = stream
+            self._streams[key] = self._open(key)
+            self._pending.pop(key, None)
+            while len(self._streams) > self.cfg.run.max_open_streams:
+                cold, stream = self._streams.popitem(last=False)
+                self._pending[cold] = [stream.state_dict()]
+                stream.close()
+        self._streams.move_to_end(key)
         return next(self._streams[key])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._pending, **{k: s.state_dict() for k, s in self._streams.items()}}
+    def _open(self, key: str) -> Any:
+        """A stream of ``key``, continued from its saved states if there are any."""
+        task_name, bucket = key.split("/", 1)
+        task, plan = self.cfg.tasks[task_name], self.plans[task_name][bucket]
+        stream = self.datasets[task.split].stream(
+            plan.info, plan.batch_size, task_columns(task),
+            self.rank, self.world_size, stream_seed(self.cfg.run.seed, task_name, bucket),
+            shuffle_window=self.cfg.run.shuffle_batches * plan.batch_size)
+        if key in self._pending:
+            stream.resume(self._pending[key])
+        return stream
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending = dict(state)
+    def _pending_state(self, key: str) -> dict[str, Any]:
+        """This rank's position in a stream not opened since the resume (or closed as cold)."""
+        for state in self._pending[key]:
+            if (state["rank"], state["world_size"]) == (self.rank, self.world_size):
+                return state
+        stream = self._open(key)  # saved by another world size: resolve our share of it
+        try:
+            return stream.state_dict()
+        finally:
+            stream.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**{k: self._pending_state(k) for k in self._pending},
+                **{k: s.state_dict() for k, s in self._streams.items()}}
+
+    def load_state_dict(self, states: dict[str, list[dict[str, Any]]]) -> None:
+        """``key -> [state of each rank that saved it]`` (from every rank's file of a checkpoint).
+
+        A bucket this world size does not plan (too few rows per rank for a batch) is dropped.
+        """
+        planned = {f"{task}/{bucket}" for task, buckets in self.plans.items() for bucket in buckets}
+        self._pending = {k: list(v) for k, v in states.items() if k in planned}
+
+    def close(self) -> None:
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
 
 
 def _open_datasets(cfg: PretrainConfig, splits: set[str]) -> dict[str, Any]:
@@ -127,14 +189,54 @@ def _threads(cfg: PretrainConfig) -> int:
     return cfg.run.threads_per_worker or max(1, math.floor(cfg.run.cpus_per_worker))
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class NonFiniteGuard:
+    """Counts skipped steps; stops the run after ``limit`` in a row, naming what they ran."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.total, self._streak = limit, 0, []
+
+    def passed(self) -> None:
+        self._streak = []
+
+    def skipped(self, step: int, choices: list[Choice]) -> None:
+        self.total += 1
+        self._streak.append(f"step {step}: " + ", ".join(f"task {c.task} bucket {c.bucket}" for c in choices))
+        log.warning("non-finite loss or gradient at %s: step skipped (%d in a row)",
+                    self._streak[-1], len(self._streak))
+        if len(self._streak) >= self.limit:
+            raise NonFiniteError(f"{len(self._streak)} consecutive steps had a non-finite loss or gradient "
+                                 f"(run.max_nonfinite_skips={self.limit}): " + "; ".join(self._streak))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "streak": list(self._streak)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.total, self._streak = int(state["total"]), list(state["streak"])
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any (a one-element MAX all-reduce)."""
+    if not is_distributed():
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry: ``config = {"cfg": PretrainConfig as a dict}``."""
+    """Ray Train entry: ``config = {"cfg": PretrainConfig as a dict}`` (credentials come from the worker env)."""
     import ray.train
 
     from imp_platform.model import build_model
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = PretrainConfig.model_validate(config["cfg"])
+    cfg = with_worker_secrets(PretrainConfig.model_validate(config["cfg"]))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(_threads(cfg))
@@ -142,7 +244,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = _device(cfg)
     if device.type == "cpu":
         reuse_large_allocations()  # MoE weight grads would page-fault afresh every step
-    torch.manual_seed(cfg.run.seed)
+    _seed_everything(cfg.run.seed)
 
     model_cfg = resolve_model_config(cfg)
     model = build_model(model_cfg).to(device)
@@ -156,8 +258,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sampler = AGDSampler(cfg.agd, {n: t.rate for n, t in cfg.tasks.items()},
                          {n: {b: p.count for b, p in bp.items()} for n, bp in plans.items()})
     streams = Streams(cfg, datasets, plans, rank, world)
+    guard = NonFiniteGuard(cfg.run.max_nonfinite_skips)
     history: list[dict[str, Any]] = []
-    start = _restore(model, optimizer, scheduler, sampler, streams, history, rank, world)
+    state = _TrainState(model, model_cfg, optimizer, scheduler, sampler, streams, guard, history, cfg, rank, world)
+    start = state.restore()
     _debug(rank, "starts", str(start))
 
     evaluator = _Evaluator(cfg, device) if cfg.eval.enabled and rank == 0 else None
@@ -166,54 +270,107 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         log.info("training %s from step %d to %d on %d worker(s); buckets: %s", cfg.run.name, start,
                  cfg.run.steps, world, {t: {b: p.batch_size for b, p in bp.items()} for t, bp in plans.items()})
+        if start >= cfg.run.steps:  # nothing re-reported: a registered checkpoint is never rewritten
+            log.info("%s already reached step %d: nothing to do", cfg.run.name, start)
     window = MetricsWindow()
-    if start >= cfg.run.steps:  # a rerun of a finished run: report its final state once more
-        row = {**(history[-1] if history else {}), "step": cfg.run.steps}
-        _report(cfg, row, cfg.run.steps, model, model_cfg, optimizer, scheduler, sampler, streams, history, rank, world)
-    for step in range(start, cfg.run.steps):
-        model.train()
-        began = time.perf_counter()
-        choices = sampler.next()
-        batches = [streams.next(c) for c in choices]
-        data_time = time.perf_counter() - began
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(device):
-            outputs = [run_task(model, c.task, cfg.tasks[c.task], b, device) for c, b in zip(choices, batches)]
-            total = sum(o.loss for o in outputs)
-        total.backward()
-        loss_value = float(total.detach())
-        allreduce_gradients(params)
-        if os.environ.get(DEBUG_DIR_ENV):
-            _debug(rank, "grads", f"{step} {choices[0].task} {_grad_digest(params)!r}")
-        grad_norm = clip_gradients(params, cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        window.record(
-            task="+".join(c.task for c in choices), loss=loss_value,
-            parts={f"{c.task}.{k}" if len(choices) > 1 else k: v for c, o in zip(choices, outputs) for k, v in o.parts.items()},
-            tokens=sum(plans[c.task][c.bucket].tokens_per_sample * o.samples for c, o in zip(choices, outputs)),
-            samples=sum(o.samples for o in outputs), step_time=time.perf_counter() - began, data_time=data_time,
-            grad_norm=grad_norm, expert_load=_merge_loads(o.expert_load for o in outputs))
-        done = step + 1
-        is_report = done % cfg.run.eval_every == 0 or done == cfg.run.steps
-        if done % cfg.run.log_every == 0 or is_report:
-            row = window.flush(done, scheduler.get_last_lr()[0])
+    try:
+        for step in range(start, cfg.run.steps):
+            model.train()
+            began = time.perf_counter()
+            choices = sampler.next()
+            batches = [streams.next(c) for c in choices]
+            data_time = time.perf_counter() - began
+            optimizer.zero_grad(set_to_none=True)
+            outputs, loss_value, grad_norm = _forward_backward(model, cfg, choices, batches, device, params)
+            # The averaged grads (so their norm) agree on every rank; the loss is each rank's own.
+            if _any_rank(not math.isfinite(loss_value)) or not math.isfinite(grad_norm):
+                guard.skipped(step, choices)
+            else:
+                guard.passed()
+                optimizer.step()
+                # realised mix (tune): applied steps only
+                sampler.mix.add_samples({c.task: o.samples * world for c, o in zip(choices, outputs)})
+                window.record(
+                    task="+".join(c.task for c in choices), loss=loss_value,
+                    parts={f"{c.task}.{k}" if len(choices) > 1 else k: v
+                           for c, o in zip(choices, outputs) for k, v in o.parts.items()},
+                    tokens=sum(plans[c.task][c.bucket].tokens_per_sample * o.samples for c, o in zip(choices, outputs)),
+                    samples=sum(o.samples for o in outputs), step_time=time.perf_counter() - began,
+                    data_time=data_time, grad_norm=grad_norm, expert_load=_merge_loads(o.expert_load for o in outputs))
+            scheduler.step()
+            if os.environ.get(DEBUG_DIR_ENV):
+                _debug(rank, "grads", f"{step} {choices[0].task} {_digest(p.grad for p in params)!r} "
+                                      f"{_digest(params)!r}")
+            done = step + 1
+            is_eval = done % cfg.run.eval_every == 0 or done == cfg.run.steps
+            is_report = is_eval or done % cfg.run.checkpoint_every == 0
+            if done % cfg.run.log_every == 0 or is_report:
+                extra = {}
+                if is_eval:
+                    extra.update(broadcast_object(evaluator.run(model) if evaluator else {}))
+                if is_report:
+                    extra.update(sampler.mix.metrics())  # steps_frac_<task>, samples_<task> since step 0
+                row = _row(window, done, scheduler.get_last_lr()[0], guard, extra)
+                if rank == 0:
+                    history.append(row)
+                    log.info(progress_line(row, cfg.run.steps))
+                    if tb:
+                        tb.log(row)
             if is_report:
-                row.update(broadcast_object(evaluator.run(model) if evaluator else {}))
-            if rank == 0:
-                history.append(row)
-                log.info(progress_line(row, cfg.run.steps))
-                if tb:
-                    tb.log(row)
-            if is_report:
-                _report(cfg, row, done, model, model_cfg, optimizer, scheduler, sampler, streams, history, rank, world)
+                state.report(row, done)
                 window.restart_clock()
-    if tb:
-        tb.close()
+    finally:
+        streams.close()
+        if tb:
+            tb.close()
 
 
-def _grad_digest(params: list[torch.nn.Parameter]) -> float:
-    return float(sum(p.grad.double().abs().sum() + p.grad.double().sum() for p in params if p.grad is not None))
+def _forward_backward(model: torch.nn.Module, cfg: PretrainConfig, choices: list[Choice], batches: list[dict[str, Any]],
+                      device: torch.device, params: list[torch.nn.Parameter]) -> tuple[list[Any], float, float]:
+    """Forward the step's tasks, backward their summed loss, average grads over ranks and clip them.
+
+    Returns (task outputs, this rank's loss, the global grad norm before clipping: the same on every rank).
+    """
+    with _autocast(device):
+        outputs = [run_task(model, c.task, cfg.tasks[c.task], b, device) for c, b in zip(choices, batches)]
+        total = sum(o.loss for o in outputs)
+    total.backward()
+    allreduce_gradients(params)
+    return outputs, float(total.detach()), clip_gradients(params, cfg.optim.grad_clip)
+
+
+def _row(window: MetricsWindow, done: int, lr: float, guard: NonFiniteGuard, extra: dict[str, Any]) -> dict[str, Any]:
+    """One logged row: the window's averages, run-wide counters, then ``extra`` (eval, task mix)."""
+    row = window.flush(done, lr)
+    row["nonfinite_skips"] = guard.total
+    row["worker_pss_mb"] = _gather_pss()
+    row.update(extra)
+    return row
+
+
+def _gather_pss() -> list[float]:
+    """Each rank's proportional set size in MiB (rank order): the per-worker memory the benchmark tracks."""
+    import psutil
+
+    pss = torch.tensor([psutil.Process().memory_full_info().pss / 2**20], dtype=torch.float64)
+    if not is_distributed():
+        return [round(float(pss), 1)]
+    import torch.distributed as dist
+
+    gathered = [torch.zeros_like(pss) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, pss)
+    return [round(float(t), 1) for t in gathered]
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _digest(tensors) -> float:
+    """A bit-sensitive fingerprint of tensors (debug lines: identical ranks and resumes)."""
+    return float(sum(t.double().abs().sum() + t.double().sum() for t in tensors if t is not None))
 
 
 def _merge_loads(loads) -> dict[str, dict[str, list[float]]]:
@@ -241,41 +398,68 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _restore(model, optimizer, scheduler, sampler, streams, history, rank, world) -> int:
-    """Resume from Ray Train's latest checkpoint (failure restart or a rerun of the same name)."""
-    import ray.train
+@dataclass
+class _TrainState:
+    """Everything a checkpoint saves and a resume restores, in one place."""
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as directory:
-        loaded, _ = ckpt.load_model(directory)
-        model.load_state_dict(loaded.state_dict())
-        state = ckpt.load_train_state(directory)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        history.extend(ckpt.load_history(directory))
-        cursors = ckpt.load_cursors(directory, rank, world)
-        if cursors is not None:
-            streams.load_state_dict(cursors)
-    if rank == 0:
-        log.info("resumed from %s at step %d", checkpoint.path, state["step"])
-    return int(state["step"])
+    model: torch.nn.Module
+    model_cfg: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: AGDSampler
+    streams: Streams
+    guard: NonFiniteGuard
+    history: list[dict[str, Any]]
+    cfg: PretrainConfig
+    rank: int
+    world: int
 
+    def restore(self) -> int:
+        """Resume from Ray Train's latest checkpoint (failure restart or a rerun of the same name); the step."""
+        import ray.train
 
-def _report(cfg, row, step, model, model_cfg, optimizer, scheduler, sampler, streams, history, rank, world) -> None:
-    """Every rank writes its share of the checkpoint and calls report once (same count on all ranks)."""
-    import ray.train
-    from ray.train import Checkpoint
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0
+        with checkpoint.as_directory() as directory:
+            state, ranks = ckpt.open_for_resume(directory)
+            loaded, _ = ckpt.load_model(directory)
+            self.model.load_state_dict(loaded.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.sampler.load_state_dict(state["sampler"])
+            self.guard.load_state_dict(state["nonfinite"])
+            self.history.extend(ckpt.load_history(directory))
+        step = int(state["step"])
+        cursors: dict[str, list[dict[str, Any]]] = {}
+        for saved in ranks:
+            for key, cursor in saved["cursors"].items():
+                cursors.setdefault(key, []).append(cursor)
+        self.streams.load_state_dict(cursors)
+        own = [r for r in ranks if (r["rank"], r["world_size"]) == (self.rank, self.world)]
+        if own:
+            ckpt.set_rng_state(own[0]["rng"])
+        else:  # another world size wrote it: a fresh, step-derived seed per rank
+            _seed_everything(self.cfg.run.seed * 1_000_003 + step * 1009 + self.rank)
+        if self.rank == 0:
+            log.info("resumed from %s at step %d (saved by %d worker(s))", checkpoint.path, step, len(ranks))
+        return step
 
-    with tempfile.TemporaryDirectory(prefix="imp-ckpt-") as tmp:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "sampler": sampler.state_dict()}
-        ckpt.save_checkpoint(tmp, rank=rank, world_size=world, cursors=streams.state_dict(), model=model,
-                             model_cfg=model_cfg, cfg=cfg, train_state=state, history=history)
-        ray.train.report(scalar_metrics(row), checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{step:07d}")
+    def report(self, row: dict[str, Any], step: int) -> None:
+        """Every rank writes its share of the checkpoint and calls report once (same count on all ranks)."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="imp-ckpt-") as tmp:
+            train_state = {"step": step, "optimizer": self.optimizer.state_dict(),
+                           "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                           "nonfinite": self.guard.state_dict()}
+            rank_state = {"rank": self.rank, "world_size": self.world, "step": step,
+                          "cursors": self.streams.state_dict(), "rng": ckpt.rng_state()}
+            ckpt.save_checkpoint(tmp, rank=self.rank, world_size=self.world, rank_state=rank_state, model=self.model,
+                                 model_cfg=self.model_cfg, cfg=self.cfg, train_state=train_state, history=self.history)
+            ray.train.report(scalar_metrics(row), checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_{step:07d}")
 
 
 class _Evaluator:

@@ -3,7 +3,8 @@
 Metrics are accumulated over a logging window and flushed into one flat dict whose keys
 are what ``ray.train.report``, TensorBoard and the PNG report all use:
 ``loss/<task>``, ``loss``, ``tokens_per_s``, ``data_wait_frac``, ``lr``, ``grad_norm``,
-``expert_load/<modality>/<layer>`` (a list: fraction of routed tokens per expert).
+``expert_load/<modality>/<layer>`` (a list: fraction of routed tokens per expert); the loop adds
+``nonfinite_skips`` (steps skipped since step 0) and ``worker_pss_mb`` (a list: each rank's PSS).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def progress_line(row: dict[str, Any], total_steps: int) -> str:
     """``step  120/400 | loss 2.31 | vt_nce 2.9 va_nce 3.1 ... | 5.1k tok/s | data 3% | lr 8.0e-04``."""
     tasks = " ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in sorted(row.items()) if k.startswith("loss/"))
     extra = "".join(f" | {k} {row[k]:.3f}" for k in ("val_loss", "zeroshot_video_top1") if k in row)
+    if row.get("nonfinite_skips"):
+        extra += f" | skipped {row['nonfinite_skips']} non-finite"
     return (f"step {row['step']:>5}/{total_steps} | loss {row['loss']:.3f} | {tasks} | "
             f"{row['tokens_per_s'] / 1000:.1f}k tok/s | data {100 * row['data_wait_frac']:.0f}% | "
             f"lr {row['lr']:.1e}{extra}")

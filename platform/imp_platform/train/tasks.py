@@ -43,9 +43,21 @@ def resolve_model_config(cfg: PretrainConfig):
     overrides = [f"{k}={_yaml_scalar(v)}" for k, v in cfg.model.overrides.items()]
     data = apply_overrides(base, overrides)
     data["heads"] = {**data.get("heads", {}), **{
-        head_name(name): t.num_classes for name, t in cfg.tasks.items()
+        head_name(name): num_classes(cfg, name) for name, t in cfg.tasks.items()
         if any(o.kind == "classification" for o in t.objectives)}}
     return validate(ModelConfig, data, source="model (preset + model.overrides)")
+
+
+def num_classes(cfg: PretrainConfig, name: str) -> int:
+    """A classification task's class count: its ``num_classes``, else its split's dataset card's."""
+    from imp_platform.config import ConfigError
+    from imp_platform.data.dataset import load_card
+
+    task = cfg.tasks[name]
+    count = task.num_classes or load_card(cfg, task.split).num_classes
+    if not count:
+        raise ConfigError(f"tasks.{name}: set num_classes, or declare dataset.classes in the pipeline YAML")
+    return count
 
 
 def _yaml_scalar(value: Any) -> str:

@@ -6,6 +6,7 @@ failure and checkpoint settings, so ``pretrain`` and the tune stream's trials tr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from imp_platform.config import ConfigError, load_config
+from imp_platform.config.base import split_secrets
 from imp_platform.config.train import PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,18 @@ def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from imp_platform.train.loop import train_loop_per_worker
+    from imp_platform.train.loop import SECRETS_ENV, train_loop_per_worker
 
     cfg = absolute_paths(cfg)
     if cfg.run.num_workers == 0:
         log.warning("run.num_workers=0: Ray Train local mode runs in this process and persists no checkpoints "
                     "(nothing to resume or evaluate afterwards); use 1+ workers for a real run")
+    # Credentials travel in the workers' environment, never in train_loop_config (which Ray keeps and shows).
+    public, secrets = split_secrets(cfg.model_dump(mode="json"))
+    if secrets:
+        log.warning("credentials found in the config (%s): they reach the workers through their environment; "
+                    "prefer AWS_* variables, a Kubernetes Secret or IRSA", ", ".join(sorted(secrets)))
+    env = {**cfg.run.worker_env, **({SECRETS_ENV: json.dumps(secrets)} if secrets else {})}
     if run_config is None:
         storage_path, storage_fs = _storage(cfg)
         run_config = RunConfig(
@@ -61,16 +69,20 @@ def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             callbacks=list(callbacks) or None,
-            worker_runtime_env={"env_vars": dict(cfg.run.worker_env)} if cfg.run.worker_env else None,
+            worker_runtime_env={"env_vars": env} if env else None,
         )
-    elif callbacks:
-        run_config.callbacks = list(run_config.callbacks or []) + list(callbacks)
+    else:
+        run_config.callbacks = list(run_config.callbacks or []) + list(callbacks) or None
+        if env:
+            runtime_env = dict(run_config.worker_runtime_env or {})
+            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+            run_config.worker_runtime_env = runtime_env
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.run.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json")},
+        train_loop_config={"cfg": public},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=resources),
         run_config=run_config,
@@ -130,7 +142,7 @@ def prepare_data(cfg: PretrainConfig) -> bool:
 
     Returns whether anything was preprocessed.
     """
-    from imp_platform.config.pipeline import PipelineConfig
+    from imp_platform.config.pipeline import load_pipeline
     from imp_platform.data.manifest import MANIFEST_NAME
     from imp_platform.data.pipeline import preprocess
 
@@ -150,8 +162,7 @@ def prepare_data(cfg: PretrainConfig) -> bool:
             log.info("writing %d synthetic %s samples to %s", samples, split, raw)
             write_dataset(cfg.data.raw_root, samples=samples, shards=cfg.data.synth.shards, seed=cfg.data.synth.seed,
                           split=split)
-        pipeline = load_config(PipelineConfig, cfg.data.pipeline,
-                               [f"source.paths=[{raw}]", f"output.path={processed}"])
+        pipeline = load_pipeline(cfg.data.pipeline, [f"source.paths=[{raw}]", f"output.path={processed}"])
         log.info("preprocessing %s -> %s", raw, processed)
         preprocess(pipeline)
         ran = True
@@ -175,11 +186,19 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     metrics = dict(result.metrics or {})
     out = PretrainResult(checkpoint=_uri(cfg, checkpoint.path) if checkpoint else None, metrics=metrics)
     if checkpoint is not None and cfg.eval.report:
-        from imp_platform.train.checkpoint import load_history
+        from imp_platform.train.checkpoint import load_history, load_model
 
         with checkpoint.as_directory() as directory:
             history = load_history(directory)
-        out.metrics_path, out.report_path = publish_report(cfg, metrics, history)
+            model, _ = load_model(directory)
+        classes = None
+        if cfg.eval.enabled:  # the workers report scalars; the report also wants the confusion matrices
+            from imp_platform.eval.zeroshot import HeldOut
+
+            heldout = HeldOut.open(cfg)
+            metrics = {**metrics, **heldout.run(model).as_json()}
+            classes = heldout.card.classes
+        out.metrics_path, out.report_path = publish_report(cfg, metrics, history, classes)
     return out
 
 
@@ -189,7 +208,8 @@ def _uri(cfg: PretrainConfig, path: str) -> str:
     return f"{scheme}://{path}" if sep and "://" not in path else path
 
 
-def publish_report(cfg: PretrainConfig, metrics: dict[str, Any], history: list[dict[str, Any]]) -> tuple[str, str]:
+def publish_report(cfg: PretrainConfig, metrics: dict[str, Any], history: list[dict[str, Any]],
+                   classes: list[str] | None = None) -> tuple[str, str]:
     """metrics.json and report.png in ``storage_path/name/report``, beside the checkpoints, local or s3://."""
     import tempfile
 
@@ -198,11 +218,11 @@ def publish_report(cfg: PretrainConfig, metrics: dict[str, Any], history: list[d
 
     target = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/report"
     if "://" not in target:
-        local = write_outputs(metrics, history, Path(target).resolve(), title=cfg.run.name)
+        local = write_outputs(metrics, history, Path(target).resolve(), title=cfg.run.name, classes=classes)
         return str(local[0]), str(local[1])
     fs, base = filesystem(target, cfg.run.storage_options)
     fs.makedirs(base, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for path in write_outputs(metrics, history, tmp, title=cfg.run.name):
+        for path in write_outputs(metrics, history, tmp, title=cfg.run.name, classes=classes):
             fs.put_file(str(path), f"{base}/{path.name}")
     return f"{target}/metrics.json", f"{target}/report.png"

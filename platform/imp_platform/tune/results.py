@@ -1,5 +1,10 @@
 """What a sweep leaves behind: a trial table, the best config as a pretrain YAML, a metric plot.
 
+Each row shows, beside the swept values and the metric, the metric's held-out components,
+the model's cost (total and per-token parameters) and the task mix the trial really ran
+(``steps_frac_<task>``, and in the CSV ``samples_<task>``), so a reader can check that the
+swept mix acted and read accuracy against cost.
+
 "Stopped early" is read from the trial itself (its last reported ``step`` is short of the
 sweep's budget without an error), so it holds for a restored experiment too. The best trial
 is chosen among those that ran the full budget when there are any: a trial the scheduler cut
@@ -11,7 +16,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,11 @@ from imp_platform.config.tune import Choice, Grid, LogUniform, SweepConfig
 from imp_platform.tune.trial import sampled_config, swept_values
 
 log = logging.getLogger(__name__)
+
+# Reported columns a row keeps: held-out metrics, model cost, realised mix.
+COMPONENTS = re.compile(r"heldout_score|val_loss|zeroshot_.+_top1|retrieval_.+_r1")
+COST = ("params_total", "params_per_token")
+MIX = re.compile(r"steps_frac_.+|samples_.+")
 
 
 @dataclass
@@ -32,6 +43,8 @@ class TrialRow:
     stopped_early: bool
     status: str  # "completed", "stopped", "error"
     error: str | None = None
+    columns: dict[str, float] = field(default_factory=dict)  # last report's components, cost and mix
+    curve: list[dict[str, float]] = field(default_factory=list)  # one entry per report: step, metric, mix
 
 
 @dataclass
@@ -71,8 +84,29 @@ def collect_rows(grid: Any, sweep: SweepConfig) -> list[TrialRow]:
         stopped = error is None and steps < sweep.steps
         status = "error" if error else "stopped" if stopped else "completed"
         trial_id = str(metrics.get("trial_id") or Path(result.path).name)
-        rows.append(TrialRow(trial_id, swept_values(result.config or {}, sweep), metric, steps, stopped, status, error))
+        rows.append(TrialRow(trial_id, swept_values(result.config or {}, sweep), metric, steps, stopped, status, error,
+                             kept_columns(metrics), learning_curve(result, sweep)))
     return sorted(rows, key=lambda row: row.trial_id)
+
+
+def _kept(key: str) -> bool:
+    return bool(COMPONENTS.fullmatch(key) or MIX.fullmatch(key)) or key in COST
+
+
+def kept_columns(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a report worth a table column (see COMPONENTS, COST, MIX)."""
+    return {key: float(value) for key, value in metrics.items()
+            if _kept(key) and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def learning_curve(result: Any, sweep: SweepConfig) -> list[dict[str, float]]:
+    """Every report of a trial (step, the metric, the realised mix so far), oldest first."""
+    frame = result.metrics_dataframe
+    if frame is None or "step" not in frame:
+        return []
+    wanted = [c for c in frame.columns if c in ("step", sweep.metric) or MIX.fullmatch(str(c))]
+    return [{key: float(value) for key, value in record.items() if value == value}  # drop NaN
+            for record in frame[wanted].to_dict("records")]
 
 
 def pick_best(rows: list[TrialRow], sweep: SweepConfig) -> TrialRow | None:
@@ -100,18 +134,37 @@ def write_report(rows: list[TrialRow], sweep: SweepConfig, base: PretrainConfig,
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # parameter and sample counts in full
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def table_columns(rows: list[TrialRow], sweep: SweepConfig, markdown: bool) -> list[str]:
+    """Reported columns, in reading order: metric components, cost, realised mix (samples: CSV only)."""
+    present = {key for row in rows for key in row.columns} - {sweep.metric}
+    components = sorted(k for k in present if COMPONENTS.fullmatch(k))
+    mix = sorted(k for k in present if k.startswith("steps_frac_"))
+    samples = [] if markdown else sorted(k for k in present if k.startswith("samples_"))
+    return [*components, *(k for k in COST if k in present), *mix, *samples]
+
+
+def table_lines(rows: list[TrialRow], sweep: SweepConfig, best: TrialRow | None, markdown: bool) -> list[list[str]]:
+    """Header and one line per trial, sorted by the metric (best first, unmeasured trials last)."""
+    keys, extra = list(sweep.space), table_columns(rows, sweep, markdown)
+    sign = 1.0 if sweep.mode == "min" else -1.0
+    ordered = sorted(rows, key=lambda r: (r.metric is None, sign * r.metric if r.metric is not None else 0.0))
+    header = ["trial", *keys, sweep.metric, *extra, "steps", "stopped_early", "status"]
+    return [header, *([row.trial_id + (" *" if row is best else ""), *(_fmt(row.values.get(k)) for k in keys),
+                       _fmt(row.metric), *(_fmt(row.columns.get(k)) for k in extra), str(row.steps),
+                       "yes" if row.stopped_early else "no", row.status] for row in ordered)]
+
+
 def _write_table(rows: list[TrialRow], sweep: SweepConfig, best: TrialRow | None, out_dir: Path) -> Path:
-    keys = list(sweep.space)
-    header = ["trial", *keys, sweep.metric, "steps", "stopped_early", "status"]
-    lines = [[row.trial_id + (" *" if row is best else ""), *(_fmt(row.values.get(k)) for k in keys),
-              _fmt(row.metric), str(row.steps), "yes" if row.stopped_early else "no", row.status] for row in rows]
     with (out_dir / "trials.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(lines)
+        csv.writer(fh).writerows(table_lines(rows, sweep, best, markdown=False))
+    header, *lines = table_lines(rows, sweep, best, markdown=True)
     markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                           *("| " + " | ".join(line) + " |" for line in lines)])
     path = out_dir / "trials.md"
@@ -122,16 +175,19 @@ def _write_table(rows: list[TrialRow], sweep: SweepConfig, best: TrialRow | None
 
 
 def _plot(rows: list[TrialRow], sweep: SweepConfig, best: TrialRow | None, path: Path) -> Path:
-    """One panel per swept key: final metric against the sampled value; stopped trials as crosses."""
+    """One panel per swept key (final metric against the sampled value; stopped trials as crosses),
+    then the best trial's learning curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = list(sweep.space)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    panels = len(keys) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.4), squeeze=False)
+    _plot_curve(axes[0][-1], best, sweep)
     measured = [row for row in rows if row.metric is not None]
-    for ax, key in zip(axes[0], keys, strict=True):
+    for ax, key in zip(axes[0][:-1], keys, strict=True):
         dist = sweep.space[key]
         categorical = isinstance(dist, (Choice, Grid)) and not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in dist.values)
@@ -161,3 +217,15 @@ def _plot(rows: list[TrialRow], sweep: SweepConfig, best: TrialRow | None, path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _plot_curve(ax: Any, best: TrialRow | None, sweep: SweepConfig) -> None:
+    """The metric at each report of the best trial (empty panel with a note when there is none)."""
+    points = [(p["step"], p[sweep.metric]) for p in (best.curve if best else []) if sweep.metric in p]
+    if points:
+        ax.plot(*zip(*points, strict=True), marker="o")
+    else:
+        ax.text(0.5, 0.5, "no best trial", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel(sweep.metric)
+    ax.set_title(f"best trial {best.trial_id}" if best else "best trial", fontsize="small")

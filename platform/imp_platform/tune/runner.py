@@ -16,6 +16,7 @@ from typing import Any
 from imp_platform.config import ConfigError
 from imp_platform.config.train import PretrainConfig
 from imp_platform.config.tune import AshaScheduler, PbtScheduler, SweepConfig, load_base, with_absolute_paths
+from imp_platform.tune.check import check_sweep_acts
 from imp_platform.tune.results import SweepResult, collect_rows, write_report
 from imp_platform.tune.space import param_space
 from imp_platform.tune.trial import run_trial
@@ -91,6 +92,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, base: PretrainConfig 
     from imp_platform.train.trainer import ensure_ray, prepare_data
 
     base = with_absolute_paths(base) if base is not None else load_base(sweep)
+    check_sweep_acts(sweep, base)  # before Ray starts: a sweep whose values cannot act measures nothing
     fs, inner = storage_filesystem(sweep)
     experiment = f"{inner.rstrip('/')}/{sweep.name}"
     scheduler = build_scheduler(sweep, base)
@@ -126,7 +128,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, base: PretrainConfig 
 
 def run_sweep_file(path: str | Path, overrides: list[str] | None = None, *, resume: bool = False) -> SweepResult:
     """What ``platform tune`` and ``jobs/tune.py`` do: load and check the sweep YAML, then run it."""
-    from imp_platform.config.tune import load_sweep
+    from imp_platform.tune.values import load_sweep
 
     sweep, base = load_sweep(path, overrides)
     return run_sweep(sweep, resume=resume, base=base)

@@ -13,7 +13,8 @@ from typing import Any
 
 from imp_platform.config import ConfigError
 from imp_platform.config.train import PretrainConfig
-from imp_platform.config.tune import SweepConfig, apply_values
+from imp_platform.config.tune import SweepConfig
+from imp_platform.tune.values import apply_values
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +45,54 @@ def normalize_task_weights(cfg: PretrainConfig, swept: set[str]) -> PretrainConf
     return apply_values(cfg, values)
 
 
+def scale_stages(cfg: PretrainConfig, factors: dict[str, float]) -> PretrainConfig:
+    """``cfg`` with each task's weight in every curriculum stage multiplied by its factor (default 1)."""
+    stages = [stage.model_copy(update={"weights": {t: w * factors.get(t, 1.0) for t, w in stage.weights.items()}})
+              for stage in cfg.agd.curriculum]
+    return cfg.model_copy(update={"agd": cfg.agd.model_copy(update={"curriculum": stages})})
+
+
+def stage_factors(base: PretrainConfig, values: dict[str, Any], swept: set[str]) -> dict[str, float]:
+    """``swept / base rate`` per swept task: the one factor that scales the task in every stage.
+
+    With it a swept weight equal to the base rate reproduces the base run, stages included.
+    """
+    zero = sorted(task for task in swept if base.tasks[task].rate <= 0)
+    if zero:
+        raise ConfigError(f"space.tasks.{zero[0]}.weight: the base config gives {zero[0]} rate 0, so there is "
+                          "nothing to scale its curriculum stage weights by; give it a nonzero weight in the base")
+    return {task: values[f"tasks.{task}.weight"] / base.tasks[task].rate for task in swept}
+
+
 def train_storage(sweep: SweepConfig) -> str:
     """Where the trials' Train runs keep checkpoints: beside the Tune experiment, not inside it."""
     return f"{sweep.experiment_path}-runs"
 
 
 def sampled_config(base: PretrainConfig, values: dict[str, Any], **run: Any) -> PretrainConfig:
-    """``base`` with the sampled values (mixing weights normalized) and ``run.*`` fields replaced."""
+    """``base`` with the sampled values and ``run.*`` fields replaced.
+
+    A swept task weight scales its task by one factor everywhere (see ``train/agd.py``): the
+    tasks' own weights are normalized with it, and its curriculum stage weights are scaled.
+    """
     cfg = apply_values(base, {**values, **{f"run.{key}": value for key, value in run.items()}})
     swept = {task for task in map(weight_task, values) if task is not None}
-    return normalize_task_weights(cfg, swept) if swept else cfg
+    if not swept:
+        return cfg
+    cfg = normalize_task_weights(cfg, swept)
+    return scale_stages(cfg, stage_factors(base, values, swept)) if cfg.agd.curriculum else cfg
 
 
 def trial_config(base: PretrainConfig, values: dict[str, Any], sweep: SweepConfig, run_name: str) -> PretrainConfig:
-    """The pretraining config one trial runs: sampled values on the sweep's step budget and resources."""
+    """The pretraining config one trial runs: sampled values on the sweep's step budget and resources.
+
+    Checkpoints come with the evals only, so every report Tune sees carries the held-out metric
+    and the scheduler's time (reports) is counted in eval intervals.
+    """
     res = sweep.resources
     return sampled_config(
-        base, values, steps=sweep.steps, num_workers=res.workers, cpus_per_worker=res.cpus_per_worker,
+        base, values, steps=sweep.steps, checkpoint_every=base.run.eval_every,
+        num_workers=res.workers, cpus_per_worker=res.cpus_per_worker,
         use_gpu=res.use_gpu, name=run_name, storage_path=train_storage(sweep), storage_options=sweep.storage_options,
     )
 
@@ -73,11 +105,20 @@ def swept_values(config: dict[str, Any], sweep: SweepConfig) -> dict[str, Any]:
 def run_trial(config: dict[str, Any], *, base: PretrainConfig, sweep: SweepConfig) -> None:
     """The Tune function trainable: build this trial's TorchTrainer and fit it."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from imp_platform.train.trainer import build_trainer
+    from imp_platform.tune.report import SweepReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, swept_values(config, sweep), sweep, run_name=f"trial-{trial_id}")
     log.info("trial %s: %s", trial_id, {k: config[k] for k in sweep.space if k in config})
-    build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    build_trainer(cfg, callbacks=[SweepReportCallback(model_cost(cfg))]).fit()
+
+
+def model_cost(cfg: PretrainConfig) -> dict[str, float]:
+    """``params_total`` and ``params_per_token`` of the model a trial trains (read against its score)."""
+    from imp_platform.model.presets import count_params
+    from imp_platform.train.tasks import resolve_model_config
+
+    counts = count_params(resolve_model_config(cfg))
+    return {"params_total": float(counts["total"]), "params_per_token": float(counts["per_token"])}

@@ -1,0 +1,34 @@
+"""Tests that start a Ray of their own in a subprocess (`ray start`, `platform data preprocess`) give it
+its own ``RAY_TMPDIR``: a plain ``ray.init()`` would otherwise join any cluster `ray start` left on this
+machine (it looks in /tmp/ray), and the processes of that session can be found and stopped afterwards
+without `ray stop`, which stops every Ray of the user."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+
+@contextmanager
+def ray_tmpdir() -> Iterator[Path]:
+    """A short temporary RAY_TMPDIR (Ray's socket paths must fit 107 bytes); on exit every process
+    that inherited it is SIGKILLed and the folder removed."""
+    with tempfile.TemporaryDirectory(prefix="rt-") as root:
+        try:
+            yield Path(root)
+        finally:
+            kill_session(Path(root))
+
+
+def kill_session(ray_tmp: Path) -> None:
+    """SIGKILL the processes whose environment has ``RAY_TMPDIR=ray_tmp`` (all a session started)."""
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("RAY_TMPDIR") == str(ray_tmp):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
