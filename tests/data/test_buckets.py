@@ -27,6 +27,38 @@ def test_video_bucket_nearest_aspect_then_duration(native, expected) -> None:
     assert buckets.pick_video_bucket(height, width, seconds, VIDEO, fps=8.0) == expected
 
 
+MULTI = [(8, 32, 32), (8, 48, 48), (4, 32, 32), (8, 64, 64), (8, 32, 56), (8, 56, 32)]
+
+
+@pytest.mark.parametrize(
+    ("native", "expected"),
+    [
+        ((56, 56), [(8, 48, 48), (8, 32, 32), (4, 32, 32)]),  # the nearest first; 64x64 would upscale
+        ((64, 64), [(8, 64, 64), (8, 32, 32), (8, 48, 48), (4, 32, 32)]),
+        ((48, 80), [(8, 32, 56)]),  # the only landscape bucket
+        ((16, 16), [(8, 32, 32)]),  # smaller than every bucket: still the nearest
+        ((1000, 40), [(8, 56, 32)]),  # far from every aspect ratio: the nearest one's, if it fits
+    ],
+)
+def test_all_fitting_writes_every_bucket_at_the_aspect_without_upscaling(native, expected) -> None:
+    height, width = native
+    nearest = buckets.pick_video_bucket(height, width, 1.0, MULTI, fps=8.0)
+    assert buckets.pick_video_buckets(height, width, 1.0, MULTI, 8.0, resolutions="nearest") == [nearest]
+    assert buckets.pick_video_buckets(height, width, 1.0, MULTI, 8.0, resolutions="all_fitting") == expected
+    listed = [(4, 32, 32), (8, 32, 56)]  # exactly the listed buckets, whatever the native shape
+    assert buckets.pick_video_buckets(height, width, 1.0, MULTI, 8.0, resolutions=listed) == listed
+
+
+def test_resolutions_must_be_buckets() -> None:
+    from imp_platform.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"video\.resolutions\[1\]=\[8, 64, 64\] is not one of video\.buckets"):
+        load_pipeline(None, ["video.resolutions=[[8,32,32],[8,64,64]]"])
+    with pytest.raises(ConfigError, match=r"video\.resolutions"):
+        load_pipeline(None, ["video.resolutions=every"])
+    assert load_pipeline(None).video.resolutions == "nearest"
+
+
 def test_duration_policies() -> None:
     clips = [1.0, 2.0, 4.0]
     assert [buckets.pick_duration(s, clips) for s in (0.2, 1.4, 1.6, 3.1, 9.0)] == [0, 0, 1, 2, 2]

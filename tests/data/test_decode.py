@@ -314,7 +314,7 @@ def test_image_errors() -> None:
 
 def test_decode_sample_builds_a_contract_row(cfg, sample) -> None:
     tokenizer = build_tokenizer()
-    out = decode.decode_sample(sample, cfg, tokenizer)
+    [out] = decode.decode_sample(sample, cfg, tokenizer)  # video.resolutions: nearest -> one row
     meta = json.loads(sample["json"])
     row = out.row
     assert out.key == "train-000005" and row["label"] == meta["label"] and row["caption"] == meta["caption"]
@@ -328,11 +328,33 @@ def test_decode_sample_builds_a_contract_row(cfg, sample) -> None:
     assert out.bucket.startswith("v8x") and out.bucket.endswith(f"_t{text_len}")
 
 
+def test_all_fitting_writes_one_row_per_bucket_from_one_decode_per_t(sample) -> None:
+    """A 64x64 clip with ``all_fitting``: one row per square bucket not above 64x64, the other
+    columns shared; a bucket resized down from the shared decode matches one decoded at its size."""
+    multi = load_pipeline(None, ["video.buckets=[[8,32,32],[8,48,48],[4,32,32],[8,32,56],[8,64,64]]",
+                                 "video.resolutions=all_fitting"])
+    data = encode_video(64, 64, frames=16, fps=8)
+    rows = decode.decode_sample({**sample, "mp4": data}, multi, build_tokenizer())
+    assert [r.shapes["video"] for r in rows] == [[8, 64, 64, 3], [8, 32, 32, 3], [8, 48, 48, 3], [4, 32, 32, 3]]
+    assert len({r.bucket for r in rows}) == 4 and {r.key for r in rows} == {"train-000005"}
+    for r in rows[1:]:
+        assert r.row["audio_mel"] is rows[0].row["audio_mel"] and r.row["image"] is rows[0].row["image"]
+        assert r.shapes["audio_mel"] == rows[0].shapes["audio_mel"] and r.row["label"] == rows[0].row["label"]
+    direct = decode.decode_video(data, (8, 32, 32), multi.video.fps).astype(np.float32)
+    assert np.abs(rows[1].row["video"].astype(np.float32) - direct).mean() < 4.0
+    calls: list[tuple[int, int, int]] = []
+    real = decode.decode_video
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode, "decode_video", lambda data, size, *a, **k: calls.append(size) or real(data, size, *a, **k))
+        decode.decode_sample({**sample, "mp4": data}, multi, build_tokenizer())
+    assert calls == [(8, 64, 64), (4, 32, 32)]  # once per T, at the largest size for that T
+
+
 def test_decode_sample_takes_audio_from_the_video_track(cfg, sample) -> None:
     with_track = {"__key__": "k", "mp4": encode_video(64, 64, frames=24, fps=12, audio_rate=16000), "json": sample["json"]}
     audio_only = load_pipeline(None, ["modalities.audio_from_video=true", "modalities.enabled=[audio,text]",
                                       "modalities.required=[audio]"])
-    out = decode.decode_sample(with_track, audio_only, build_tokenizer())
+    [out] = decode.decode_sample(with_track, audio_only, build_tokenizer())
     assert set(out.shapes) == {"audio_mel", "text_ids"} and out.shapes["audio_mel"] == [256, 128]  # 2 s clip
     assert "video" not in out.row
     with pytest.raises(decode.MissingModality, match="audio"):  # audio_from_video off, audio required
@@ -366,7 +388,8 @@ def test_labels_are_judged_against_the_declared_classes(sample) -> None:
     names = [f"n{i}" for i in range(10)]
     named = load_pipeline(None, [f"dataset.classes={json.dumps(names)}"])
     by_name = {**sample, "json": json.dumps({"caption": "the digit three", "label": "n3", "colour": "red"}).encode()}
-    row = decode.decode_sample(by_name, named, tokenizer).row
+    [out] = decode.decode_sample(by_name, named, tokenizer)
+    row = out.row
     assert row["label"] == 3 and json.loads(row["meta"]) == {"colour": "red"}
     for label, kind in ((42, "label_out_of_range"), ("n42", "unknown_label")):
         bad = {**sample, "json": json.dumps({"caption": "the digit three", "label": label}).encode()}
@@ -380,14 +403,14 @@ def test_empty_caption_where_text_is_required(cfg, sample) -> None:
     with pytest.raises(decode.EmptyCaption):
         decode.decode_sample(empty, cfg, build_tokenizer())
     optional = load_pipeline(None, ["modalities.required=[video,audio]"])
-    out = decode.decode_sample(empty, optional, build_tokenizer())
+    [out] = decode.decode_sample(empty, optional, build_tokenizer())
     assert "text_ids" not in out.shapes and out.row["label"] == 1  # kept without text, label still read
 
 
 def test_a_corrupt_candidate_falls_back_to_the_next_extension(cfg, sample) -> None:
     """A broken mp4 beside a good webm of the same sample: the webm is decoded instead of skipping."""
     both = {**sample, "mp4": b"\x00\x00\x00\x18ftypmp42" + bytes(200), "webm": encode_video(64, 64, 16, 8, ext="webm")}
-    out = decode.decode_sample(both, cfg, build_tokenizer())
+    [out] = decode.decode_sample(both, cfg, build_tokenizer())
     assert out.shapes["video"][0] == 8 and frame_indices(out.row["video"])[-1] == 15
     with pytest.raises(decode.CorruptVideo):  # with no good candidate, the first one's error
         decode.decode_sample({**both, "webm": b"junk"}, cfg, build_tokenizer())
@@ -402,12 +425,12 @@ def test_time_limit_interrupts_a_decode_loop_in_any_thread() -> None:
                 pass
         return time.monotonic() - start
 
-    assert spin() < 5
+    assert spin() < 15  # interrupted: uninterrupted it spins 30 s (a busy CI box is slow to switch threads)
     seconds: list[float] = []
     worker = threading.Thread(target=lambda: seconds.append(spin()))
     worker.start()
     worker.join(30)
-    assert seconds and seconds[0] < 5
+    assert seconds and seconds[0] < 15
     with decode.time_limit(0.2):  # a body that ends in time is never interrupted, also not later
         pass
     time.sleep(0.4)

@@ -70,7 +70,7 @@ def test_unknown_key_is_named() -> None:
         ({"modalities": {"enabled": ["video", "smell"]}}, r"modalities\.enabled\.1"),
         ({"audio": {"clip_seconds": [-1.0]}}, r"audio\.clip_seconds must be positive"),
         ({"audio": {"sample_rate": 0}}, r"audio\.sample_rate"),
-        ({"token_budget": 0}, r"token_budget"),
+        ({"token_budget": 8192}, r"token_budget: unknown key"),  # budgets are per training task
         ({"image": None}, r"'image' is enabled but the image: section"),
         ({"source": {"paths": []}}, r"source\.paths"),
     ],

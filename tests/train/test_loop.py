@@ -100,6 +100,7 @@ def _nan_data(processed_root: Path, tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.chaos
 def test_two_workers_learn_survive_a_killed_worker_and_resume(ray_local, tiny_overrides, processed_root, tmp_path):
     """One run checks learning, identical grads, a killed worker (a bit-for-bit restart from the last
     checkpoint), a NaN batch, credentials kept out of what it writes, and reruns that resume or have

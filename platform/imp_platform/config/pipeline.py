@@ -1,7 +1,7 @@
 """Typed pipeline spec: where raw shards live, how each modality is decoded, and the shape buckets.
 
 One YAML (``pipelines/*.yaml``) drives both the offline preprocess and the streaming path, so
-decode settings, bucket shapes and the token budget can never drift between the two.
+decode settings and bucket shapes can never drift between the two.
 """
 
 from __future__ import annotations
@@ -89,10 +89,17 @@ class ModalitiesConfig(StrictModel):
 
 
 class VideoConfig(StrictModel):
-    """Clip sampling and the (T, H, W) buckets: T frames are sampled at ``fps`` and resized to H x W at decode."""
+    """Clip sampling and the (T, H, W) buckets: T frames are sampled at ``fps`` and resized to H x W at decode.
+
+    ``resolutions`` says which buckets one clip is written into, so training sees the same clip
+    at several spatial and temporal resolutions (IMP's multi-resolution): ``nearest`` one bucket
+    by native shape; ``all_fitting`` every bucket at the nearest aspect ratio whose area is not
+    above the native one (no upscaling), and at least the nearest; or a list of buckets, all of them.
+    """
 
     fps: float | None = Field(8.0, gt=0)  # sampling rate; None spreads the T frames over the whole clip
     buckets: list[tuple[int, int, int]] = Field(min_length=1)
+    resolutions: Literal["nearest", "all_fitting"] | list[tuple[int, int, int]] = "nearest"
 
     @field_validator("buckets")
     @classmethod
@@ -102,6 +109,18 @@ class VideoConfig(StrictModel):
         if len(set(value)) != len(value):
             raise ValueError(f"video.buckets has duplicates: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _resolutions_are_buckets(self) -> VideoConfig:
+        if isinstance(self.resolutions, list):
+            if not self.resolutions:
+                raise ValueError("video.resolutions: an empty list writes no video; use nearest")
+            for i, size in enumerate(self.resolutions):
+                if size not in self.buckets:
+                    raise ValueError(f"video.resolutions[{i}]={list(size)} is not one of video.buckets")
+            if len(set(self.resolutions)) != len(self.resolutions):
+                raise ValueError(f"video.resolutions has duplicates: {self.resolutions}")
+        return self
 
 
 class AudioConfig(StrictModel):
@@ -254,7 +273,7 @@ class DatasetConfig(StrictModel):
 
 
 class PipelineConfig(StrictModel):
-    """A whole pipeline: source -> decode -> bucket -> output, plus the token budget."""
+    """A whole pipeline: source -> decode -> bucket -> output (token budgets are per training task)."""
 
     name: str = "pipeline"
     source: SourceConfig
@@ -266,7 +285,6 @@ class PipelineConfig(StrictModel):
     image: ImageConfig | None = None
     bucket_policy: BucketPolicyConfig = Field(default_factory=BucketPolicyConfig)
     patches: PatchConfig = Field(default_factory=PatchConfig)
-    token_budget: int = Field(8192, gt=0)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)

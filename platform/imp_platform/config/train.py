@@ -71,7 +71,9 @@ class TaskConfig(StrictModel):
     num_classes: int | None = Field(None, gt=1)  # None = the dataset's class count (its manifest or pipeline YAML)
     buckets: list[str] | None = None  # None = every bucket of the manifest
     token_budget: int = Field(4096, gt=0)
-    drop_token: float = Field(0.0, ge=0, lt=1)
+    # DropToken share of each modality's tokens: one rate for every non-text modality, or per
+    # modality ({video: 0.75, audio_mel: 0.5}; unnamed ones keep all). Text is never dropped.
+    drop_token: float | dict[Modality, float] = 0.0
     weight: float = Field(1.0, ge=0)
     interval: int | None = Field(None, gt=0)  # round-robin period; None -> 1/weight
 
@@ -83,6 +85,31 @@ class TaskConfig(StrictModel):
             if obj.kind == "classification" and self.modalities[0] == "text":
                 raise ValueError("classification runs on the first modality, which must not be text")
         return self
+
+    @field_validator("drop_token")
+    @classmethod
+    def _rates_in_range(cls, value: float | dict[str, float]) -> float | dict[str, float]:
+        rates = value.values() if isinstance(value, dict) else [value]
+        if not all(0 <= rate < 1 for rate in rates):
+            raise ValueError(f"DropToken rates must be in [0, 1), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _drop_rates_name_task_modalities(self) -> TaskConfig:
+        for modality in self.drop_token if isinstance(self.drop_token, dict) else {}:
+            if modality not in self.modalities:
+                raise ValueError(f"drop_token.{modality}: not one of the task's modalities {self.modalities}")
+            if modality == "text":
+                raise ValueError("drop_token.text: text tokens are never dropped")
+        return self
+
+    def drop_rate(self, modality: str) -> float:
+        """The DropToken rate of ``modality`` in this task (0 for text and for unnamed modalities)."""
+        if modality == "text":
+            return 0.0
+        if isinstance(self.drop_token, dict):
+            return self.drop_token.get(modality, 0.0)
+        return self.drop_token
 
     @property
     def rate(self) -> float:

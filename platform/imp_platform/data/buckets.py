@@ -77,6 +77,32 @@ def pick_video_bucket(
     return tuple(buckets[_best_area(height, width, sizes, candidates)[0]])
 
 
+def pick_video_buckets(
+    height: int,
+    width: int,
+    duration_s: float,
+    buckets: Sequence[tuple[int, int, int]],
+    fps: float,
+    policy: str = "nearest",
+    resolutions: str | Sequence[tuple[int, int, int]] = "nearest",
+) -> list[tuple[int, int, int]]:
+    """Every (T, H, W) bucket one clip is written into (``video.resolutions``).
+
+    ``nearest``: the one ``pick_video_bucket`` picks. ``all_fitting``: that one first, then every
+    other bucket at the nearest aspect ratio whose area is not above the native one, any T (no
+    spatial upscaling; a clip too small for every bucket still gets the nearest). A list: exactly
+    those, in order (IMP trains each clip at several resolutions whatever its native one).
+    """
+    if not isinstance(resolutions, str):
+        return [tuple(b) for b in resolutions]
+    nearest = pick_video_bucket(height, width, duration_s, buckets, fps, policy)
+    if resolutions == "nearest":
+        return [nearest]
+    sizes = [(h, w) for _, h, w in buckets]
+    fitting = [tuple(buckets[i]) for i in _nearest_aspect(height, width, sizes) if sizes[i][0] * sizes[i][1] <= height * width]
+    return [nearest, *(b for b in fitting if b != nearest)]
+
+
 def pick_text_length(num_tokens: int, lengths: Sequence[int]) -> int:
     """Shortest length bucket that holds ``num_tokens`` (the longest one truncates)."""
     fitting = [n for n in sorted(lengths) if n >= num_tokens]

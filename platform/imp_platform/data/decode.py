@@ -735,23 +735,49 @@ def first_decodable(candidates: Candidates, decode_one: Callable[[str, Any], Any
 
 @dataclass(frozen=True)
 class _Video:
-    """A decoded video candidate: its bytes and extension (its soundtrack may be wanted), header, frames."""
+    """A decoded video candidate: its bytes and extension (its soundtrack may be wanted), header, and
+    its clip at each bucket ``video.resolutions`` picks (none when video is not enabled)."""
 
     ext: str
     data: bytes
     info: VideoInfo
-    frames: np.ndarray | None
+    clips: list[np.ndarray]
+
+
+def resize_clip(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> [T, height, width, 3], antialiased: a smaller bucket from a clip decoded once."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    y = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def decode_clips(data: bytes, sizes: list[tuple[int, int, int]], cfg: PipelineConfig, info: VideoInfo) -> list[np.ndarray]:
+    """The clip at each (T, H, W) of ``sizes``, decoding the video once per distinct T.
+
+    A T decoded for one size only is resized at decode (as a single bucket always was); for
+    several, it is decoded at the largest H and W among them and resized down, never up.
+    """
+    by_frames: dict[int, np.ndarray] = {}
+    for t in dict.fromkeys(s[0] for s in sizes):
+        same_t = [s for s in sizes if s[0] == t]
+        size = (t, max(s[1] for s in same_t), max(s[2] for s in same_t))
+        by_frames[t] = decode_video(data, size, cfg.video.fps, info=info, num_threads=cfg.decode.num_threads)
+    return [by_frames[t] if by_frames[t].shape[1:3] == (h, w) else resize_clip(by_frames[t], h, w) for t, h, w in sizes]
 
 
 def _video(ext: str, data: bytes, cfg: PipelineConfig) -> _Video:
-    """Probe one video candidate and, when video is enabled, decode its clip at the bucket it picks."""
+    """Probe one video candidate and, when video is enabled, decode its clip at every bucket it goes to."""
     info = probe_video(data, cfg.limits)
-    frames = None
+    clips: list[np.ndarray] = []
     if "video" in cfg.modalities.enabled:
-        size = buckets.pick_video_bucket(info.height, info.width, info.duration_s, cfg.video.buckets,
-                                         cfg.video.fps or info.fps or 1.0, cfg.bucket_policy.duration)
-        frames = decode_video(data, size, cfg.video.fps, info=info, num_threads=cfg.decode.num_threads)
-    return _Video(ext, data, info, frames)
+        sizes = buckets.pick_video_buckets(info.height, info.width, info.duration_s, cfg.video.buckets,
+                                           cfg.video.fps or info.fps or 1.0, cfg.bucket_policy.duration,
+                                           cfg.video.resolutions)
+        clips = decode_clips(data, sizes, cfg, info)
+    return _Video(ext, data, info, clips)
 
 
 def _audio(ext: str, data: bytes, cfg: PipelineConfig) -> dict[str, np.ndarray]:
@@ -774,11 +800,13 @@ def _text(annotation: Annotation, cfg: PipelineConfig, tokenizer: Any) -> dict[s
     return {"text_ids": ids[:length], "text_mask": mask[:length]}
 
 
-def decode_sample(sample: Mapping[str, Any], cfg: PipelineConfig, tokenizer: Any = None) -> DecodedSample:
-    """Decode every enabled modality of one webdataset sample and pick its bucket; raises ``DecodeError``.
+def decode_sample(sample: Mapping[str, Any], cfg: PipelineConfig, tokenizer: Any = None) -> list[DecodedSample]:
+    """Decode every enabled modality of one webdataset sample into one row per bucket it goes to; raises ``DecodeError``.
 
-    The row: key, label (int64, -1 = none), caption (the tokenized one, '' = none), meta (JSON
-    string of the other json fields), and one array per decoded tensor column.
+    One row, unless ``video.resolutions`` writes the clip at several resolutions: then one row
+    per video bucket, the other columns the same in each. A row: key, label (int64, -1 = none),
+    caption (the tokenized one, '' = none), meta (JSON string of the other json fields), and one
+    array per decoded tensor column.
     """
     key = str(sample.get("__key__", ""))
     check_member_name(key)
@@ -796,15 +824,19 @@ def decode_sample(sample: Mapping[str, Any], cfg: PipelineConfig, tokenizer: Any
     missing = [m for m in cfg.modalities.required if m not in present]
     if missing:
         raise MissingModality(f"sample {key!r} has no {', '.join(missing)} member (has {sorted(members)})")
-    if video is not None and video.frames is not None:
-        row["video"] = video.frames
     if "audio" in cfg.modalities.enabled and ("audio" in members or audio_from_video):
         candidates = members.get("audio") or [(video.ext, video.data)]
         row.update(first_decodable(candidates, lambda ext, data: _audio(ext, data, cfg)))
     if "image" in members and "image" in cfg.modalities.enabled:
         row["image"] = first_decodable(members["image"], lambda ext, data: decode_image(
             data, buckets.pick_image_bucket(*probe_image(data, cfg.limits), cfg.image.buckets), cfg.limits))
-    shapes = {c: list(row[c].shape) for c in ("video", "image", "audio_mel", "audio_wave", "text_ids") if c in row}
+    rows = [{**row, "video": clip} for clip in video.clips] if video is not None and video.clips else [row]
+    return [_bucketed(key, r) for r in rows]
+
+
+def _bucketed(key: str, row: dict[str, Any]) -> DecodedSample:
+    """A decoded row with its bucket, named by the shapes of its tensor columns."""
+    shapes = {c: list(row[c].shape) for c in buckets.TOKEN_COLUMNS if c in row}
     if not shapes:
         raise MissingModality(f"sample {key!r} has no member of an enabled modality")
     return DecodedSample(key=key, bucket=buckets.bucket_name(shapes), shapes=shapes, row=row)

@@ -69,12 +69,16 @@ def find_splits(path: str, storage_options: dict[str, Any] | None = None) -> dic
 
 
 def class_counts(dataset: ProcessedDataset, classes: list[str] | None) -> dict[str, int]:
-    """Rows per class name (label id where no names are declared), unlabelled rows last."""
-    counts: Counter[int] = Counter()
+    """Samples per class name (label id where no names are declared), unlabelled samples last.
+
+    Counted by key, so a sample written into several buckets (``video.resolutions``) counts once.
+    """
+    labels: dict[str, int] = {}
     for info in dataset.buckets:
         if info.count and "label" in info.columns:
-            for batch in dataset.iter_batches(info, 4096, ["label"]):
-                counts.update(batch["label"].tolist())
+            for batch in dataset.iter_batches(info, 4096, ["key", "label"]):
+                labels.update(zip(batch["key"].tolist(), batch["label"].tolist(), strict=True))
+    counts = Counter(labels.values())
     names = {i: name for i, name in enumerate(classes or [])}
     out = {names.get(label, str(label)): counts[label] for label in sorted(c for c in counts if c >= 0)}
     if counts[-1]:

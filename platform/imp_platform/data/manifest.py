@@ -1,7 +1,8 @@
 """The preprocess report: what each write task wrote and skipped, merged into ``manifest.json``.
 
 Write tasks return a ``TaskReport``; the driver merges them, so the manifest's counts come
-from the rows actually written (``total_read == kept + skipped`` by construction) and the
+from the rows actually written (``total_read == kept + skipped`` by construction; ``kept`` counts
+samples, ``rows_written`` and the bucket counts count rows, one per bucket a sample went to) and the
 training side can find every bucket's files and row groups without listing the output.
 """
 
@@ -35,9 +36,14 @@ class BucketPart:
 
 @dataclass
 class TaskReport:
-    """What one write task saw: samples read, rows kept per bucket, keys skipped per kind."""
+    """What one write task saw: samples read and kept, rows written per bucket, keys skipped per kind.
+
+    A sample written at several video resolutions is one sample kept and one row in each of its
+    buckets, so ``kept`` counts samples and bucket counts count rows.
+    """
 
     read: int = 0
+    kept: int = 0
     buckets: dict[str, BucketPart] = field(default_factory=dict)
     skipped: dict[str, list[str]] = field(default_factory=dict)
 
@@ -47,6 +53,7 @@ class TaskReport:
 
     def merge(self, other: TaskReport) -> TaskReport:
         self.read += other.read
+        self.kept += other.kept
         for kind, keys in other.skipped.items():
             self.skipped.setdefault(kind, []).extend(keys)
         for name, part in other.buckets.items():
@@ -85,7 +92,6 @@ def build(
         }
         for name, part in sorted(report.buckets.items())
     ]
-    kept = sum(b["count"] for b in buckets)
     skipped_files = sum(len(keys) for keys in shard_skips.values())
     # Unusable files count as inputs read, so total_read == kept + sum(skipped.values()).
     return {
@@ -93,7 +99,8 @@ def build(
         "skipped": {kind: len(keys) for kind, keys in sorted(skipped_keys.items())},
         "skipped_examples": {kind: sorted(keys)[:MAX_EXAMPLES_PER_KIND] for kind, keys in sorted(skipped_keys.items())},
         "total_read": report.read + skipped_files,
-        "kept": kept,
+        "kept": report.kept,
+        "rows_written": sum(b["count"] for b in buckets),  # kept, unless samples went to several buckets
         "samples_read": report.read,
         "skipped_files": skipped_files,
         **extra,

@@ -1,8 +1,9 @@
 """The Ray Data graph: list shards -> read tar shards (raw bytes) -> decode tasks -> bucketed parquet.
 
 One streaming pass. The reader (``tars``) marks a broken shard or sample instead of raising;
-decode tasks turn each raw sample into a processed row or a skip record (never an
-exception; a key another shard already kept becomes ``duplicate_key`` through ``tars.KeyRegistry``),
+decode tasks turn each raw sample into its processed rows (one per bucket it goes to) or a skip
+record (never an exception; a key another shard already kept becomes ``duplicate_key`` through
+``tars.KeyRegistry``),
 packed into one fixed schema so rows of different buckets can share a block;
 the datasink unpacks each bucket into uniform tensor columns under
 ``OUTPUT/bucket=<name>/`` and returns per-task counts that the driver merges into
@@ -33,8 +34,9 @@ from imp_platform.data.tars import RawSample
 
 log = logging.getLogger(__name__)
 
-# Columns of the packed decode output shared by every row (tensors travel as raw bytes).
-SCALAR_COLUMNS = ("key", "bucket", "skip_kind", "label", "caption", "meta", "layout")
+# Columns of the packed decode output shared by every row (tensors travel as raw bytes). ``view``:
+# the row's index among its sample's rows (one per video resolution), so the sink counts samples.
+SCALAR_COLUMNS = ("key", "bucket", "skip_kind", "label", "caption", "meta", "layout", "view")
 # Logical CPUs per read / write task: the decode tasks (1 CPU each) do the heavy work.
 IO_TASK_CPUS = 0.25
 BUCKET_DIR = "bucket={}"
@@ -90,8 +92,9 @@ def write_tokenizer(cfg: PipelineConfig, out: str, tokenizer_json: str | None) -
     fs.pipe_file(join(base, TOKENIZER_NAME), tokenizer_json.encode("utf-8"))
 
 
-def decode_or_skip(sample: RawSample, cfg: PipelineConfig, tokenizer: Any) -> DecodedSample | Skipped:
-    """Decode one raw sample within ``limits.sample_timeout_s``; one the reader marked faulty, or any failure, becomes a ``Skipped`` record."""
+def decode_or_skip(sample: RawSample, cfg: PipelineConfig, tokenizer: Any) -> list[DecodedSample] | Skipped:
+    """Decode one raw sample (its rows, one per bucket) within ``limits.sample_timeout_s``; one the
+    reader marked faulty, or any failure, becomes a ``Skipped`` record."""
     key = sample.key
     if sample.skip:
         return Skipped(key, sample.skip, sample.detail)
@@ -113,16 +116,18 @@ def raw_samples(batch: dict[str, np.ndarray]) -> Iterable[tuple[str, RawSample]]
         yield str(batch[tars.URL][i]), RawSample(str(key), present, str(batch[tars.SKIP][i]), str(batch[tars.DETAIL][i]))
 
 
-def drop_cross_shard_duplicates(results: list[tuple[str, DecodedSample | Skipped]], registry: Any) -> list[DecodedSample | Skipped]:
+def drop_cross_shard_duplicates(
+    results: list[tuple[str, list[DecodedSample] | Skipped]], registry: Any
+) -> list[list[DecodedSample] | Skipped]:
     """Kept samples whose key another shard already kept become ``duplicate_key`` skips (one registry call per batch)."""
     import ray
 
-    kept = [(r.key, url) for url, r in results if isinstance(r, DecodedSample)]
+    kept = [(r[0].key, url) for url, r in results if not isinstance(r, Skipped)]
     owners = iter(ray.get(registry.claim.remote(kept)) if kept else [])
-    out: list[DecodedSample | Skipped] = []
+    out: list[list[DecodedSample] | Skipped] = []
     for url, r in results:
-        owner = next(owners) if isinstance(r, DecodedSample) else None
-        out.append(r if owner is None else Skipped(r.key, tars.DUPLICATE_KEY, f"{r.key!r} in {url} was already kept from {owner}"))
+        owner = None if isinstance(r, Skipped) else next(owners)
+        out.append(r if owner is None else Skipped(r[0].key, tars.DUPLICATE_KEY, f"{r[0].key!r} in {url} was already kept from {owner}"))
     return out
 
 
@@ -130,11 +135,18 @@ def _arrays(sample: DecodedSample) -> dict[str, np.ndarray]:
     return {c: sample.row[c] for c in TENSOR_COLUMNS if c in sample.row}
 
 
-def _pack(results: list[DecodedSample | Skipped]) -> dict[str, np.ndarray]:
+def _rows(results: list[list[DecodedSample] | Skipped]) -> Iterable[tuple[int, DecodedSample | Skipped]]:
+    """(view, row) of every sample's rows in order; a skipped sample is one row, view 0."""
+    for r in results:
+        yield from [(0, r)] if isinstance(r, Skipped) else enumerate(r)
+
+
+def _pack(results: list[list[DecodedSample] | Skipped]) -> dict[str, np.ndarray]:
     """One fixed schema for kept and skipped rows of any bucket (tensors as raw bytes + layout)."""
     out: dict[str, list[Any]] = {c: [] for c in (*SCALAR_COLUMNS, *TENSOR_COLUMNS)}
-    for r in results:
+    for view, r in _rows(results):
         kept = isinstance(r, DecodedSample)
+        out["view"].append(view)
         arrays = _arrays(r) if kept else {}
         out["key"].append(r.key)
         out["bucket"].append(r.bucket if kept else "")
@@ -147,6 +159,7 @@ def _pack(results: list[DecodedSample | Skipped]) -> dict[str, np.ndarray]:
             out[c].append(np.ascontiguousarray(arrays[c]).tobytes() if c in arrays else b"")
     packed = {c: np.array(v, dtype=object) for c, v in out.items()}
     packed["label"] = np.asarray(out["label"], dtype=np.int64)
+    packed["view"] = np.asarray(out["view"], dtype=np.int64)
     return packed
 
 
@@ -226,7 +239,7 @@ class DecodeBatches:
         for r in results:
             if isinstance(r, Skipped):
                 log.warning("skipped %s: %s (%s)", r.key, r.kind, r.detail)
-        kept = [r for r in results if isinstance(r, DecodedSample) and r.bucket == self.keep_bucket]
+        kept = [r for _, r in _rows(results) if isinstance(r, DecodedSample) and r.bucket == self.keep_bucket]
         return stack_rows(kept, self.layout, with_caption="text" in self.cfg.modalities.enabled)
 
 
@@ -317,7 +330,9 @@ def _make_sink(root: str, storage_options: dict[str, Any], with_caption: bool) -
                         out = _bucket_table(rows, layout, with_caption)
                         part = report.buckets.setdefault(bucket, manifest_io.BucketPart(columns=_column_spec(out, layout)))
                         part.count += out.num_rows
-                        report.read += out.num_rows
+                        samples = pc.sum(pc.equal(rows.column("view"), 0)).as_py() or 0  # a sample's first row
+                        report.read += samples
+                        report.kept += samples
                         pending.setdefault(bucket, []).append(out)
                         if sum(t.num_rows for t in pending[bucket]) >= ROW_GROUP_ROWS:
                             flush(bucket)

@@ -7,6 +7,7 @@ counted by path, and a missing source fails at once with a message naming it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -50,7 +51,9 @@ def with_s3_defaults(path: str, storage_options: dict[str, Any]) -> dict[str, An
     """``storage_options`` with ``S3_CONFIG_DEFAULTS`` under the keys it leaves unset (s3:// only)."""
     if not str(path).startswith(("s3://", "s3a://")):
         return storage_options
-    return {**storage_options, "config_kwargs": {**S3_CONFIG_DEFAULTS, **storage_options.get("config_kwargs", {})}}
+    # A deep copy: botocore rewrites the ``retries`` mapping in place (max_attempts -> total_max_attempts).
+    defaults = copy.deepcopy(S3_CONFIG_DEFAULTS)
+    return {**storage_options, "config_kwargs": {**defaults, **storage_options.get("config_kwargs", {})}}
 
 
 def filesystem(path: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -79,6 +79,13 @@ class FactorizedPositions(nn.Module):
         return out
 
 
+def kept_tokens(n: int, rate: float) -> int:
+    """How many of ``n`` tokens DropToken keeps at ``rate``: shared by the encoder and the budget."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {rate}")
+    return n if rate == 0.0 else min(n, max(1, round(n * (1.0 - rate))))
+
+
 def drop_tokens(
     tokens: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor | None, rate: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -86,11 +93,9 @@ def drop_tokens(
 
     Every sample keeps the same count (the batch stays rectangular); kept tokens stay in order.
     """
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {rate}")
     batch, n = tokens.shape[:2]
-    keep = max(1, round(n * (1.0 - rate)))
-    if rate == 0.0 or keep >= n:
+    keep = kept_tokens(n, rate)
+    if keep >= n:
         return tokens, coords, mask
     scores = torch.rand(batch, n, device=tokens.device)
     if mask is not None:  # prefer real tokens over padding

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from imp_platform.config.model import ModelConfig
-from imp_platform.model.embed import Embedders, grid_shape
+from imp_platform.model.embed import Embedders, grid_shape, kept_tokens
 from imp_platform.model.encoder import Encoder
 from imp_platform.model.heads import Heads, mean_pool
 from imp_platform.model.moe import MoEStats
@@ -80,10 +80,10 @@ class IMPModel(nn.Module):
     def classify(self, pooled: torch.Tensor, head: str) -> torch.Tensor:
         return self.heads.classify(pooled, head)
 
-    def num_tokens(self, modality: str, shape: Sequence[int]) -> int:
-        """Encoder tokens for one sample of per-sample ``shape`` (no batch dim), before DropToken."""
+    def num_tokens(self, modality: str, shape: Sequence[int], drop_rate: float = 0.0) -> int:
+        """Encoder tokens for one sample of per-sample ``shape`` (no batch dim) after DropToken at ``drop_rate``."""
         t, h, w = grid_shape(self.cfg, modality, shape)
-        return t * h * w + (1 if self.agg_token is not None else 0)
+        return kept_tokens(t * h * w, drop_rate) + (1 if self.agg_token is not None else 0)
 
 
 def build_model(cfg: ModelConfig) -> IMPModel:

@@ -6,7 +6,6 @@ same thing everywhere. A batch is a ``dict[str, np.ndarray]`` of processed colum
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,12 +67,7 @@ def _yaml_scalar(value: Any) -> str:
 
 def tokens_per_sample(model: Any, task: TaskConfig, shapes: dict[str, list[int]]) -> int:
     """Encoder tokens one sample of ``task`` costs after DropToken (the budget counts kept tokens)."""
-    total = 0
-    for modality in task.modalities:
-        column = COLUMNS[modality][0]
-        n = int(model.num_tokens(modality, tuple(shapes[column])))
-        total += n if modality == "text" else max(1, math.ceil(n * (1 - task.drop_token)))
-    return total
+    return sum(int(model.num_tokens(m, tuple(shapes[COLUMNS[m][0]]), task.drop_rate(m))) for m in task.modalities)
 
 
 @dataclass
@@ -97,7 +91,7 @@ def to_inputs(modality: str, batch: dict[str, np.ndarray], device: torch.device)
 
 def encode(model: Any, modality: str, batch: dict[str, np.ndarray], device: torch.device, drop_rate: float = 0.0):
     x, kwargs = to_inputs(modality, batch, device)
-    if modality != "text" and drop_rate > 0:
+    if drop_rate > 0:
         kwargs["drop_rate"] = drop_rate
     return model.encode(modality, x, **kwargs)
 
@@ -107,8 +101,7 @@ def run_task(model: Any, name: str, task: TaskConfig, batch: dict[str, np.ndarra
     from imp_platform.objectives import classification_loss, mil_nce_loss, nce_loss
     from imp_platform.train.dist import is_distributed
 
-    drop = task.drop_token if model.training else 0.0
-    outs = {m: encode(model, m, batch, device, drop) for m in task.modalities}
+    outs = {m: encode(model, m, batch, device, task.drop_rate(m) if model.training else 0.0) for m in task.modalities}
     loss = sum(o.aux_loss for o in outs.values())
     parts: dict[str, float] = {"aux": float(loss.detach())}
     for obj in task.objectives:
