@@ -45,7 +45,7 @@ def test_manifest_counts_every_sample(manifest: dict, synth_shards: dict[str, Pa
     assert sum(b["count"] for b in manifest["buckets"]) == manifest["kept"] == 96
     # three native aspect ratios (square, landscape, portrait) give at least three buckets
     assert len(manifest["buckets"]) >= 3
-    assert "ReadTarShards" in manifest["stats"] and "decode_batches" in manifest["stats"]
+    assert "ReadTarShards" in manifest["stats"] and "DecodeBatches" in manifest["stats"]
     assert manifest["timing"]["seconds"] > 0
 
 

@@ -3,7 +3,7 @@
 (a) ceiling: the same decode functions (decord video, soundfile/torchaudio audio, tokenizers,
 PIL) called straight from tar files, one process per core, no framework; (b) what users pick
 instead: torch DataLoader + webdataset with the same decode step and the same number of
-workers; (c) our pipeline doing the same work: tar shard reader -> decode tasks -> bucketed
+workers; (c) our pipeline doing the same work: tar shard reader -> decode actors -> bucketed
 rows consumed by the driver (as training streams from raw shards), and once more as a full
 preprocess that also writes parquet + manifest. Rates are reported in steady state (from the
 first output on: the targets) and end to end (start-up included). Also the padding waste of bucketed
@@ -87,7 +87,7 @@ def ceiling(cfg: PipelineConfig, shards: list[str], workers: int, fn: Any = _dec
 
 
 class _WdsDecode:
-    """Picklable map function for webdataset: the same decode step as the Ray decode tasks."""
+    """Picklable map function for webdataset: the same decode step as the Ray decode actors."""
 
     def __init__(self, cfg: PipelineConfig, tokenizer_json: str | None) -> None:
         self.cfg, self.tokenizer_json = cfg, tokenizer_json
@@ -128,7 +128,7 @@ def _stream_counts(cfg: PipelineConfig) -> Iterator[int]:
 
 
 def ours_stream(cfg: PipelineConfig) -> Throughput:
-    """The pipeline doing what the baselines do: read -> decode tasks -> bucketed rows, consumed here."""
+    """The pipeline doing what the baselines do: read -> decode actors -> bucketed rows, consumed here."""
     return Throughput.measure(_stream_counts(cfg))
 
 
@@ -251,10 +251,9 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
     Speeds use the synth shards repeated (2x quick, 32x full: 4096 samples, about 40 s of
     decoding, the scale at which a real preprocess's start-up stops mattering). All three
     start warm as far as each allows: the baselines fork from this process after it imported
-    the decoders; Ray's decode tasks run in pooled worker processes that import ray.data, torch,
-    torchaudio and decord once (~10 s on 2 cores with the CUDA torch wheels) and stay warm
-    between datasets: the memory runs before the timed ones warm them, as a long-lived
-    cluster would be.
+    the decoders; Ray's decode actors are new processes that import ray.data, torch,
+    torchaudio and decord (~10 s on 2 cores with the CUDA torch wheels), which the
+    end-to-end figures include.
     """
     import ray
 
