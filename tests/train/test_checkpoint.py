@@ -128,6 +128,17 @@ def test_saved_configs_redact_credentials_and_reload_without_them(tmp_path: Path
     assert PretrainConfig.model_validate(merge_secrets(public, secrets)) == cfg
 
 
+def test_credential_names_are_told_from_model_token_settings() -> None:
+    from imp_platform.config.base import is_secret
+
+    for path in [("token",), ("run", "session_token"), ("storage_options", "token"), ("storage_options", "key"),
+                 ("x", "aws_access_key_id"), ("db_password",), ("storage_options", "access_key_id")]:
+        assert is_secret(path), path
+    for path in [("tasks", "video_text", "drop_token"), ("tasks", "a", "token_budget"), ("dataset", "label_key"),
+                 ("text", "max_tokens"), ()]:
+        assert not is_secret(path), path
+
+
 def test_validation_errors_do_not_echo_secrets() -> None:
     for override in ["data.storage_options.key=[not, a, string]", "run.worker_env={AWS_SECRET_ACCESS_KEY: [x1y2z3]}"]:
         with pytest.raises(ConfigError) as err:

@@ -25,27 +25,30 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 T = TypeVar("T", bound=BaseModel)
 
 REDACTED = "***"
-_SECRET_WORDS = {"secret", "password", "passwd", "token", "credential", "credentials", "auth", "signature"}
+_SECRET_WORDS = {"secret", "password", "passwd", "credential", "credentials", "auth", "signature"}
+# "token" alone, or after one of these words, is a credential; other tokens are model tokens
+# (a task's ``drop_token`` rate, ``token_budget``).
+_TOKEN_KINDS = {"session", "access", "auth", "api", "bearer", "refresh", "id", "security", "oauth"}
 _SECRET_SCOPES = {"storage_options", "worker_env", "client_kwargs", "config_kwargs", "env_vars", "env"}
 _WORD = re.compile(r"[^a-z0-9]+")
-_NOT_SECRETS = {"drop_token"}  # the DropToken rate of a task, not a credential
 
 
 def is_secret(path: Sequence[Any]) -> bool:
     """Whether the value at this key path looks like a credential.
 
-    Everywhere: a name that is or ends in a secret word (``session_token``, ``db_password``),
-    contains ``secret`` or starts with ``aws_`` (but not ``token_budget``). Inside a
+    Everywhere: a name that is or ends in a secret word (``db_password``), is ``token`` or ends
+    in a credential kind of token (``session_token``, not ``drop_token``), contains ``secret``
+    or starts with ``aws_``. Inside a
     storage/env mapping also ``key`` and any ``*_key`` / ``*_id`` (s3fs's ``key``, ``access_key_id``).
     """
-    if not path or str(path[-1]).lower() in _NOT_SECRETS:
-        return False
-    words = [w for w in _WORD.split(str(path[-1]).lower()) if w]
+    words = [w for w in _WORD.split(str(path[-1]).lower()) if w] if path else []
     if not words:
         return False
     if words[-1] in _SECRET_WORDS or "secret" in words or "password" in words or words[0] == "aws":
         return True
     scoped = any(str(p).lower() in _SECRET_SCOPES for p in path[:-1])
+    if words[-1] == "token":
+        return scoped or len(words) == 1 or words[-2] in _TOKEN_KINDS
     return scoped and words[-1] in {"key", "id"}
 
 
