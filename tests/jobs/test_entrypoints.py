@@ -53,3 +53,22 @@ def test_eval_names_a_missing_checkpoint(tmp_path):
     result = CliRunner().invoke(app, ["eval", "--checkpoint", str(missing)])
     assert result.exit_code == 2
     assert f"not found: {missing}" in result.output
+
+
+@pytest.mark.slow
+def test_infer_script_writes_predictions_of_a_processed_split(trained_checkpoint, processed_root, tmp_path):
+    out = tmp_path / "infer"
+    proc = _run(["jobs/infer.py", "--checkpoint", trained_checkpoint, "--input",
+                 str(processed_root / "processed" / "test"), "--out", str(out), "--what", "embed,zeroshot,classify"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rows written: 40 of 40 read" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_written"] == 40 and summary["heads"] == {"video_cls": "video", "audio_cls": "audio_mel",
+                                                                   "image_cls": "image"}
+    assert (out / "part-00000.parquet").read_bytes()[:4] == b"PAR1"
+
+
+def test_infer_script_names_a_missing_checkpoint(tmp_path):
+    proc = _run(["jobs/infer.py", "--checkpoint", str(tmp_path / "nope"), "--input", str(tmp_path),
+                 "--out", str(tmp_path / "out")], timeout=300)
+    assert proc.returncode == 2 and f"checkpoint not found: {tmp_path / 'nope'}" in proc.stderr

@@ -4,7 +4,6 @@ RNG states round-trip through JSON, credentials never reach a saved config or an
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 

@@ -47,3 +47,17 @@ def test_mistakes_name_the_key(override, message):
 def test_model_may_be_just_a_preset_name():
     cfg = load_pretrain_config(None, ["model=tiny"])
     assert cfg.model.preset == "tiny" and cfg.model.moe is True
+
+
+def test_every_path_the_workers_open_is_made_absolute(tmp_path, monkeypatch):
+    """Workers and Tune trials run in other directories: data, storage, init_from and teachers all resolve here."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_pretrain_config(None, [
+        "data.root=d", "run.storage_path=s3://bucket/runs", "model.init_from=ckpt/a",
+        "tasks.video_cls.objectives=[{kind: distill, teacher: teach/b, teacher_modalities: [video]}]"])
+    fixed = cfg.with_absolute_paths()
+    assert fixed.data.root == str(tmp_path / "d")
+    assert fixed.model.init_from == str(tmp_path / "ckpt/a")
+    assert fixed.tasks["video_cls"].objectives[0].teacher == str(tmp_path / "teach/b")
+    assert fixed.run.storage_path == "s3://bucket/runs"  # URLs unchanged
+    assert cfg.model.init_from == "ckpt/a"  # the original is not modified

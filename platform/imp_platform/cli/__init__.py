@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from imp_platform.cli import bench, cluster, data, model, train, tune
+from imp_platform.cli import bench, caption, cluster, data, distill, infer, model, train, tune
 
 app = typer.Typer(
     name="platform",
@@ -22,6 +22,9 @@ app.add_typer(bench.app, name="bench", help="Benchmarks that write JSON with rat
 app.add_typer(cluster.app, name="cluster", help="A local Ray head for `ray job submit`, token auth on.")
 train.register(app)
 tune.register(app)
+infer.register(app)
+caption.register(app)
+distill.register(app)
 
 
 def main() -> None:

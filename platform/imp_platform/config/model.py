@@ -73,6 +73,18 @@ class MoEConfig(StrictModel):
         return self.capacity_factor if self.router == "expert_choice" else float(self.top_k)
 
 
+class DecoderConfig(StrictModel):
+    """CoCa's text decoder: unimodal (causal) layers, then multimodal layers that also
+    cross-attend to the encoder. Off by default, so encoder-only models keep their weights."""
+
+    enabled: bool = False
+    unimodal_depth: int = Field(1, ge=0)
+    multimodal_depth: int = Field(2, ge=1)
+    # Decoder queries of the attentional pooler (``pooling: attention``); other poolings let the
+    # decoder cross-attend to every encoder token.
+    num_queries: int = Field(16, ge=1)
+
+
 class ModelConfig(StrictModel):
     """The IMP encoder: one shared Transformer, small per-modality embedders and heads."""
 
@@ -101,7 +113,9 @@ class ModelConfig(StrictModel):
     attention: Backend = "auto"
     d_common: int = Field(1024, ge=1)
     pair_mlp: bool = True
-    pooling: Literal["mean", "token"] = "mean"
+    # "attention": CoCa's attentional pooler (a learned query cross-attending to the tokens).
+    pooling: Literal["mean", "token", "attention"] = "mean"
+    decoder: DecoderConfig = DecoderConfig()
     heads: dict[str, int] = Field(default_factory=dict)
     temperature_init: float = Field(0.2, gt=0)
 

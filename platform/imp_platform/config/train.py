@@ -6,6 +6,7 @@ carries this config can be re-evaluated or resumed without any other input.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ from imp_platform.config.base import ConfigError, StrictModel, load_config
 
 MODALITIES = ("video", "image", "audio_mel", "audio_wave", "text")
 Modality = Literal["video", "image", "audio_mel", "audio_wave", "text"]
-ObjectiveKind = Literal["nce", "mil_nce", "classification"]
+ObjectiveKind = Literal["nce", "mil_nce", "classification", "distill", "caption"]
 
 
 class SynthSpec(StrictModel):
@@ -54,11 +55,84 @@ class ModelSpec(StrictModel):
     preset: str = "tiny"
     moe: bool = True
     overrides: dict[str, Any] = Field(default_factory=dict)
+    # Start from another model (imp_platform.model.init): a run checkpoint or an exported dir
+    # (model.safetensors + config.json), local or s3:// (read with run.storage_options). The
+    # run's own checkpoint still wins on resume. Keys whose shape differs, or that one side
+    # lacks, are refused by name unless declared in ``reinit`` (name globs: they keep their fresh
+    # init); ``init_strict: false`` tolerates keys only one side has. ``upcycle``: experts start
+    # as the source's dense FFN, routers fresh. ``freeze``: name globs of parameters never updated.
+    init_from: str | None = None
+    init_strict: bool = True
+    reinit: list[str] = Field(default_factory=list)
+    upcycle: bool = False
+    freeze: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _init_options_need_a_source(self) -> ModelSpec:
+        if not self.init_from:
+            for name in ("reinit", "upcycle"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: only applies with model.init_from")
+        return self
+
+
+DISTILL_DEFAULTS: dict[str, Any] = {"temperature": 2.0, "alpha": 0.5, "features": False, "teacher_heads": {}}
 
 
 class ObjectiveSpec(StrictModel):
     kind: ObjectiveKind
     weight: float = Field(1.0, ge=0)
+    # kind: distill only (None elsewhere, so a dumped config reloads): the frozen teacher (a run
+    # checkpoint or an exported model dir, local or s3://), the modalities it sees (their logits,
+    # or common-space features, are averaged), the teacher head per modality ({} = its only head),
+    # softmax temperature T, the KL share alpha (loss = alpha*T^2*KL + (1-alpha)*CE) and
+    # features=true for a cosine distance between common-space features instead of the KL.
+    teacher: str | None = None
+    teacher_modalities: list[Modality] | None = Field(None, min_length=1)
+    teacher_heads: dict[Modality, str] | None = None
+    temperature: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, ge=0, le=1)
+    features: bool | None = None
+    # The teacher's fused logits stored in this processed column (``platform precompute-teacher``)
+    # instead of a teacher forward per step; None = run the teacher.
+    teacher_column: str | None = None
+    # kind: caption only (None elsewhere = 0): label smoothing of the captioning cross-entropy.
+    label_smoothing: float | None = Field(None, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _caption_fields(self) -> ObjectiveSpec:
+        if self.kind != "caption" and self.label_smoothing is not None:
+            raise ValueError(f"label_smoothing: only a caption objective takes it (this one is {self.kind})")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _distill_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "distill":
+            return {**DISTILL_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
+        return data
+
+    @model_validator(mode="after")
+    def _distill_fields(self) -> ObjectiveSpec:
+        if self.kind != "distill":
+            for name in ("teacher", "teacher_modalities", "teacher_column", *DISTILL_DEFAULTS):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: only a distill objective takes it (this one is {self.kind})")
+            return self
+        if not self.teacher or not self.teacher_modalities:
+            raise ValueError("a distill objective needs teacher (a checkpoint or model dir) and teacher_modalities")
+        if self.features and self.teacher_column:
+            raise ValueError("teacher_column: stored teacher outputs are logits; features: true needs the teacher")
+        if "text" in self.teacher_modalities:
+            raise ValueError("teacher_modalities: text has no class logits or pooled clip features to distil")
+        if unknown := set(self.teacher_heads) - set(self.teacher_modalities):
+            raise ValueError(f"teacher_heads: {sorted(unknown)} not among teacher_modalities {self.teacher_modalities}")
+        return self
+
+    @property
+    def uses_labels(self) -> bool:
+        """Whether the task's batches need the label column (classification; distill's CE part)."""
+        return self.kind in ("classification", "distill")
 
 
 class TaskConfig(StrictModel):
@@ -71,6 +145,10 @@ class TaskConfig(StrictModel):
     num_classes: int | None = Field(None, gt=1)  # None = the dataset's class count (its manifest or pipeline YAML)
     buckets: list[str] | None = None  # None = every bucket of the manifest
     token_budget: int = Field(4096, gt=0)
+    # The recipe's tokens per optimizer step over all workers (None = token_budget per worker):
+    # each worker's micro-batch follows from the worker count, token_budget caps it, and the
+    # rest is gradient accumulation, so a recipe means the same on 1 or 64 workers.
+    global_token_budget: int | None = Field(None, gt=0)
     # DropToken share of each modality's tokens: one rate for every non-text modality, or per
     # modality ({video: 0.75, audio_mel: 0.5}; unnamed ones keep all). Text is never dropped.
     drop_token: float | dict[Modality, float] = 0.0
@@ -82,8 +160,11 @@ class TaskConfig(StrictModel):
         for obj in self.objectives:
             if obj.kind in ("nce", "mil_nce") and len(self.modalities) != 2:
                 raise ValueError(f"{obj.kind} needs exactly two modalities, got {self.modalities}")
-            if obj.kind == "classification" and self.modalities[0] == "text":
-                raise ValueError("classification runs on the first modality, which must not be text")
+            if obj.uses_labels and self.modalities[0] == "text":
+                raise ValueError(f"{obj.kind} runs on the first modality, which must not be text")
+            if obj.kind == "caption" and (len(self.modalities) != 2 or self.modalities[1] != "text"
+                                          or self.modalities[0] == "text"):
+                raise ValueError(f"caption needs modalities [<video|image|audio>, text], got {self.modalities}")
         return self
 
     @field_validator("drop_token")
@@ -177,6 +258,17 @@ class RunConfig(StrictModel):
     ray_num_cpus: int | None = 4  # logical CPUs for a locally started Ray (more than cores, see REFERENCE)
 
 
+class ParallelConfig(StrictModel):
+    """How the model is spread over the workers (train/parallel.py applies it)."""
+
+    # replicate: every worker holds the model, grads averaged after backward (fastest for tiny
+    # models on CPU); fsdp: FSDP2, parameters, grads and optimizer state sharded per encoder block.
+    data: Literal["replicate", "fsdp"] = "replicate"
+    expert: int = Field(1, ge=1)  # expert-parallel group size (experts sharded over that many workers)
+    activation_checkpointing: Literal["none", "block", "moe_only"] = "none"  # recompute in backward
+    compile: bool = False  # torch.compile each encoder block
+
+
 class EvalConfig(StrictModel):
     enabled: bool = True  # held-out eval at every eval_every and at the end
     max_samples: int | None = None  # None = the whole held-out split
@@ -192,7 +284,28 @@ class PretrainConfig(StrictModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     agd: AGDConfig = Field(default_factory=AGDConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def with_absolute_paths(self) -> PretrainConfig:
+        """Local relative paths made absolute (on the driver): Ray workers and Tune trials run in other directories.
+
+        Every path the workers open: data root, pipeline, tokenizer, storage, ``model.init_from``
+        and distill teachers; URLs stay as they are.
+        """
+
+        def fix(path: str | None) -> str | None:
+            return path if path is None or "://" in path else os.path.abspath(path)
+
+        data = self.data.model_copy(update={"root": fix(self.data.root), "pipeline": fix(self.data.pipeline),
+                                            "tokenizer": fix(self.data.tokenizer)})
+        tasks = {name: task.model_copy(update={"objectives": [
+            o.model_copy(update={"teacher": fix(o.teacher)}) for o in task.objectives]})
+            for name, task in self.tasks.items()}
+        return self.model_copy(update={
+            "data": data, "tasks": tasks,
+            "model": self.model.model_copy(update={"init_from": fix(self.model.init_from)}),
+            "run": self.run.model_copy(update={"storage_path": fix(self.run.storage_path)})})
 
     @field_validator("model", mode="before")
     @classmethod

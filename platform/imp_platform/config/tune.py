@@ -211,14 +211,7 @@ def load_base(sweep: SweepConfig) -> PretrainConfig:
         base = load_pretrain_config(None, sweep.overrides)
     else:
         base = validate(PretrainConfig, apply_overrides(read_yaml(sweep.base), sweep.overrides), source=sweep.base)
-    return with_absolute_paths(base)
-
-
-def with_absolute_paths(base: PretrainConfig) -> PretrainConfig:
-    """``base`` with its local data and storage paths absolute (trials run in their own directories)."""
-    data = base.data.model_copy(update={"root": _absolute(base.data.root), "pipeline": _absolute(base.data.pipeline)})
-    run = base.run.model_copy(update={"storage_path": _absolute(base.run.storage_path)})
-    return base.model_copy(update={"data": data, "run": run})
+    return base.with_absolute_paths()
 
 
 def _absolute(path: str) -> str:

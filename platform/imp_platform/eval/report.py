@@ -1,9 +1,9 @@
 """The PNG report of a run: per-task loss curves, zero-shot accuracy and retrieval over steps,
-expert use by modality, and the zero-shot video confusion matrix.
+expert use by modality, the zero-shot video confusion matrix and a reliability diagram.
 
 Input is the metrics history the training loop keeps (and stores in every checkpoint), so a
-report can be drawn from a checkpoint alone; the confusion matrix and class names come from
-an eval (``platform eval``), since the training history keeps scalars only.
+report can be drawn from a checkpoint alone; the confusion matrix, reliability bins and class
+names come from an eval (``platform eval``), since the training history keeps scalars only.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _class_list(classes: Sequence[str], limit: int = 12) -> str:
 
 def write_report(history: list[dict[str, Any]], out: str | Path, title: str = "imp-platform run",
                  classes: Sequence[str] | None = None) -> Path:
-    """Draw the four panels into ``out`` (PNG) and return its path.
+    """Draw the five panels into ``out`` (PNG) and return its path.
 
     ``classes`` names the zero-shot classes (title and confusion axes); the chance line is
     1 / ``num_classes`` of the latest eval, absent when the dataset declares no classes.
@@ -60,7 +60,7 @@ def write_report(history: list[dict[str, Any]], out: str | Path, title: str = "i
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(2, 2, figsize=(16, 11))
+    fig, axes = plt.subplots(2, 3, figsize=(23, 11))
     axes = axes.ravel()
     ax = axes[0]
     for task, (steps, values) in sorted(_series(history, "loss/").items()):
@@ -74,6 +74,8 @@ def write_report(history: list[dict[str, Any]], out: str | Path, title: str = "i
     _accuracy_panel(axes[1], history, classes)
     _expert_panel(axes[2], history)
     _confusion_panel(axes[3], _latest(history, "zeroshot_video_confusion"), classes)
+    _reliability_panel(axes[4], history)
+    axes[5].set_axis_off()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -82,11 +84,14 @@ def write_report(history: list[dict[str, Any]], out: str | Path, title: str = "i
 
 
 def _accuracy_panel(ax: Any, history: list[dict[str, Any]], classes: Sequence[str] | None) -> None:
-    """Zero-shot top-1 per modality and semantic R@1 per pair (a retrieved item with the same
-    caption, or class, counts: instance R@1 is capped on templated captions)."""
+    """Zero-shot top-1 per modality, classification heads' top-1, and semantic R@1 per pair (a
+    retrieved item with the same caption, or class, counts: instance R@1 is capped on templated captions)."""
     for name, (steps, values) in sorted(_series(history, "zeroshot_").items()):
         if name.endswith("_top1"):
             ax.plot(steps, values, marker="o", label=f"zero-shot {name[:-5]} top-1")
+    for name, (steps, values) in sorted(_series(history, "head_").items()):
+        if name.endswith("_top1"):
+            ax.plot(steps, values, marker="s", linestyle="-.", label=f"head {name[:-5]} top-1")
     for name, (steps, values) in sorted(_series(history, "retrieval_").items()):
         if name.endswith("_r1_semantic"):
             ax.plot(steps, values, linestyle=":", marker=".",
@@ -120,6 +125,28 @@ def _expert_panel(ax: Any, history: list[dict[str, Any]]) -> None:
     ax.set(title="expert use by modality (mean over MoE layers)", xlabel="expert",
            ylabel="share of routing (EC: mean router prob.)", ylim=(0, 1.3 * top))  # headroom for the legend
     ax.legend(fontsize=8, ncol=len(modalities) + 1, loc="upper center")
+
+
+def _reliability_panel(ax: Any, history: list[dict[str, Any]]) -> None:
+    """Reliability diagram of each classifier's latest eval (accuracy vs confidence per bin, ECE in
+    the legend): points below the diagonal are overconfident."""
+    from imp_platform.eval.calibration import Reliability
+
+    names = sorted({k for row in history for k, v in row.items() if k.endswith("_reliability") and isinstance(v, dict)})
+    if not names:
+        ax.text(0.5, 0.5, "no calibration bins\n(drawn from the training history: run `platform eval`)",
+                ha="center", va="center")
+        ax.set_axis_off()
+        return
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--", label="perfectly calibrated")
+    for name in names:
+        bins = Reliability(**_latest(history, name))
+        filled = [i for i, n in enumerate(bins.count) if n]
+        ax.plot([bins.confidence[i] for i in filled], [bins.accuracy[i] for i in filled], marker="o",
+                label=f"{name[:-len('_reliability')]} (ECE {bins.ece:.3f})")
+    ax.set(title="reliability (15 confidence bins)", xlabel="confidence (top-1 probability)", ylabel="accuracy",
+           xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(fontsize=8)
 
 
 def _confusion_panel(ax: Any, confusion: list[list[int]] | None, classes: Sequence[str] | None) -> None:

@@ -25,7 +25,10 @@ import torch.nn.functional as F
 
 from imp_platform.config.train import PretrainConfig
 from imp_platform.data.dataset import DatasetCard, load_card, read_tokenizer
-from imp_platform.train.tasks import COLUMNS, encode
+from imp_platform.eval.calibration import Reliability, reliability
+from imp_platform.eval.captioning import HeldOutCaptions
+from imp_platform.eval.heads import score_heads
+from imp_platform.train.tasks import COLUMNS, encode, head_modalities
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +60,17 @@ class Features:
 
 @dataclass
 class Evaluation:
-    """Scalar metrics (what the training loop reports) and the zero-shot confusion matrices."""
+    """Scalar metrics (what the training loop reports), the zero-shot confusion matrices and the
+    reliability bins (calibration) of each scored classifier."""
 
     metrics: dict[str, float]
     confusion: dict[str, np.ndarray] = field(default_factory=dict)  # family -> [true class, predicted class]
+    reliability: dict[str, Reliability] = field(default_factory=dict)  # zeroshot_<family> / head_<name> -> bins
 
     def as_json(self) -> dict[str, Any]:
-        """Metrics with ``zeroshot_<family>_confusion`` as nested lists, for ``metrics.json``."""
-        return {**self.metrics, **{f"zeroshot_{f}_confusion": m.tolist() for f, m in self.confusion.items()}}
+        """Metrics with ``zeroshot_<family>_confusion`` and ``<classifier>_reliability`` nested, for ``metrics.json``."""
+        return {**self.metrics, **{f"zeroshot_{f}_confusion": m.tolist() for f, m in self.confusion.items()},
+                **{f"{name}_reliability": r.as_json() for name, r in self.reliability.items()}}
 
 
 @dataclass
@@ -77,6 +83,8 @@ class HeldOut:
     batch_size: int
     max_samples: int | None
     device: torch.device
+    heads: dict[str, str] = field(default_factory=dict)  # classification head -> the modality its task reads
+    captions: HeldOutCaptions | None = None  # runs with a caption objective: captioning metrics too
 
     @classmethod
     def open(cls, cfg: PretrainConfig, device: torch.device | str = "cpu") -> HeldOut:
@@ -94,7 +102,9 @@ class HeldOut:
             tokenizer = load_tokenizer(read_tokenizer(cfg, split))
             lengths = [b.shape["text_ids"][0] for b in dataset.buckets if "text_ids" in b.shape]
             prompts = prompt_tokens(card, tokenizer, max(lengths) if lengths else None)
-        return cls(dataset, card, prompts, cfg.eval.batch_size, cfg.eval.max_samples, torch.device(device))
+        heads = head_modalities(cfg)
+        return cls(dataset, card, prompts, cfg.eval.batch_size, cfg.eval.max_samples, torch.device(device), heads,
+                   captions=HeldOutCaptions.for_run(cfg))
 
     def _modalities(self) -> dict[str, str]:
         """metric family ("video", "audio", "image", "text") -> model modality present in every bucket."""
@@ -137,8 +147,15 @@ class HeldOut:
         families = self._modalities()
         feats = self.embed(model)
         result = Evaluation({"eval_samples": float(len(feats.labels))})
+        if self.captions is not None and getattr(model, "decoder", None) is not None:
+            result.metrics.update(self.captions.metrics(model, self.dataset, self.card.classes, device=self.device,
+                                                        batch_size=self.batch_size, max_samples=self.max_samples))
         if self.prompts is not None:
             self._zero_shot(model, families, feats, result)
+        head_metrics, head_bins = score_heads(model, self.heads, {families[f]: v for f, v in feats.pooled.items()},
+                                              feats.labels)
+        result.metrics.update(head_metrics)
+        result.reliability.update(head_bins)
         val_losses = []
         for name, (fa, fb) in RETRIEVAL.items():
             if fa not in feats.pooled or fb not in feats.pooled:
@@ -162,11 +179,8 @@ class HeldOut:
         return self.run(model).metrics
 
     def _zero_shot(self, model: Any, families: dict[str, str], feats: Features, result: Evaluation) -> None:
-        ids, mask, prompt_class = self.prompts
         num_classes = len(self.card.classes)
-        chunks = [{"text_ids": ids[i:i + self.batch_size], "text_mask": mask[i:i + self.batch_size]}
-                  for i in range(0, len(ids), self.batch_size)]  # classes x prompts can be many thousands
-        text = torch.cat([encode(model, "text", chunk, self.device).pooled.float() for chunk in chunks])
+        text = encode_prompts(model, self.prompts, self.batch_size, self.device)
         labelled = (feats.labels >= 0) & (feats.labels < num_classes)
         if not labelled.any():
             log.info("zero-shot skipped: no held-out sample carries a label")
@@ -177,13 +191,39 @@ class HeldOut:
                 continue
             modality = families[family]
             pooled = feats.pooled[family][torch.as_tensor(labelled, device=feats.pooled[family].device)]
-            z = F.normalize(model.project(pooled, modality, "text").float(), dim=-1)
-            t = F.normalize(model.project(text, "text", modality).float(), dim=-1)
-            classes = class_embeddings(t, prompt_class, num_classes)
+            z = text_space(model, pooled, modality)
+            classes = class_space(model, text, self.prompts[2], num_classes, modality)
             scores, confusion = zero_shot_scores(z @ classes.T, feats.labels[labelled])
             for k, value in scores.items():
                 result.metrics[f"zeroshot_{family}_top{k}"] = value
             result.confusion[family] = confusion
+            # confidences: softmax of the cosine scores at the model's learned temperature for the pair
+            probs = (z @ classes.T / model.temperature(modality, "text").float()).softmax(-1)
+            bins = reliability(probs, torch.as_tensor(feats.labels[labelled]))
+            result.metrics[f"zeroshot_{family}_ece"] = bins.ece
+            result.reliability[f"zeroshot_{family}"] = bins
+
+
+@torch.no_grad()
+def encode_prompts(model: Any, prompts: Prompts, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Pooled text features [C*P, d] of every class prompt, in chunks (classes x prompts can be many thousands)."""
+    ids, mask, _ = prompts
+    chunks = [{"text_ids": ids[i:i + batch_size], "text_mask": mask[i:i + batch_size]}
+              for i in range(0, len(ids), batch_size)]
+    return torch.cat([encode(model, "text", chunk, device).pooled.float() for chunk in chunks])
+
+
+def text_space(model: Any, pooled: torch.Tensor, modality: str) -> torch.Tensor:
+    """[N, d_common]: ``modality`` features projected into the space shared with text, L2-normalised."""
+    return F.normalize(model.project(pooled, modality, "text").float(), dim=-1)
+
+
+def class_space(model: Any, prompt_features: torch.Tensor, prompt_class: np.ndarray, num_classes: int,
+                modality: str) -> torch.Tensor:
+    """[C, d_common]: the classes' prompts (``encode_prompts``) projected towards ``modality`` and averaged,
+    so ``text_space(model, x, modality) @ class_space(...).T`` scores ``modality`` features against every class."""
+    prompts = F.normalize(model.project(prompt_features, "text", modality).float(), dim=-1)
+    return class_embeddings(prompts, prompt_class, num_classes)
 
 
 def class_embeddings(prompts: torch.Tensor, prompt_class: np.ndarray, num_classes: int) -> torch.Tensor:

@@ -72,14 +72,21 @@ def attention(
     v: torch.Tensor,
     mask: torch.Tensor | None = None,
     backend: str = "auto",
+    causal: bool = False,
+    cross: bool = False,
 ) -> torch.Tensor:
     """Multi-head attention on ``[B, N, H, D]``; ``mask`` [B, N] marks real (True) vs padded keys.
 
     Padded query rows come back as zeros on the packed xformers path and as ordinary
-    (ignored) values on SDPA; callers must not read them.
+    (ignored) values on SDPA; callers must not read them. Queries may be fewer than keys
+    (cross-attention, or decoding with cached keys); ``causal`` then aligns the last query
+    with the last key (query i sees keys up to ``i + Nk - Nq``). ``cross``: every query is real
+    and ``mask`` covers the keys only (cross-attention).
     """
     backend = resolve_backend(backend, q.device)
     q, k, v = _one_dtype(q, k, v)
+    if causal or cross or q.shape[1] != k.shape[1]:
+        return _attention_general(q, k, v, mask, backend, causal)
     if backend == "xformers":
         from xformers.ops import fmha
 
@@ -92,4 +99,34 @@ def attention(
         return out
     attn_mask = None if mask is None else mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+    return out.transpose(1, 2)
+
+
+def _attention_general(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, backend: str, causal: bool
+) -> torch.Tensor:
+    """Causal and/or cross-length attention (the text decoder and the attentional pooler)."""
+    nq, nk = q.shape[1], k.shape[1]
+    if backend == "xformers":
+        from xformers.ops import fmha
+
+        if causal and mask is not None:
+            raise ValueError("xformers attention: causal with a key padding mask is not supported; "
+                             "right-padded causal text needs no key mask")
+        if causal:
+            bias = fmha.attn_bias.LowerTriangularFromBottomRightMask() if nq > 1 else None
+            return fmha.memory_efficient_attention(q, k, v, attn_bias=bias)
+        if mask is None:
+            return fmha.memory_efficient_attention(q, k, v)
+        # Every query row is real; pack the real keys of each sample.
+        bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens([nq] * q.shape[0], mask.sum(dim=1).tolist(),
+                                                            device=q.device)
+        out = fmha.memory_efficient_attention(q.reshape(1, -1, *q.shape[2:]), k[mask][None], v[mask][None],
+                                              attn_bias=bias)
+        return out.reshape(q.shape)
+    allowed = None if mask is None else mask[:, None, None, :]
+    if causal:
+        tri = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+        allowed = tri if allowed is None else allowed & tri
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed)
     return out.transpose(1, 2)

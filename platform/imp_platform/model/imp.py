@@ -1,4 +1,5 @@
-"""The IMP model: embedders -> shared encoder -> pooling, with projections, temperatures and classifiers.
+"""The IMP model: embedders -> shared encoder -> pooling, with projections, temperatures and classifiers;
+optionally CoCa's text decoder over the encoder's output (``model.decoder``).
 
 One module serves every (dataset, objective) pair of Alternating Gradient Descent: each call
 to ``encode`` handles one modality at one input shape, so expert load and MoE aux losses
@@ -14,10 +15,13 @@ import torch
 from torch import nn
 
 from imp_platform.config.model import ModelConfig
+from imp_platform.model.decoder import TextDecoder
 from imp_platform.model.embed import Embedders, grid_shape, kept_tokens
 from imp_platform.model.encoder import Encoder
 from imp_platform.model.heads import Heads, mean_pool
 from imp_platform.model.moe import MoEStats
+from imp_platform.model.pooling import AttentionPooler
+from imp_platform.objectives.caption import decoder_inputs
 
 
 @dataclass
@@ -28,6 +32,7 @@ class EncoderOutput:
     aux_loss: torch.Tensor  # scalar, already weighted; 0 for dense models
     expert_load: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E] share of assignments
     moe: dict[int, MoEStats] = field(default_factory=dict)  # layer -> full stats (coverage, loss parts)
+    queries: torch.Tensor | None = None  # [B, Q, d] the attentional pooler's decoder queries (pooling="attention")
 
 
 class IMPModel(nn.Module):
@@ -38,6 +43,8 @@ class IMPModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.heads = Heads(cfg)
         self.agg_token = nn.Parameter(torch.randn(1, 1, cfg.d_model) * 0.02) if cfg.pooling == "token" else None
+        self.pooler = AttentionPooler(cfg) if cfg.pooling == "attention" else None
+        self.decoder = TextDecoder(cfg) if cfg.decoder.enabled else None
 
     def encode(
         self, modality: str, inputs: torch.Tensor, *, mask: torch.Tensor | None = None, drop_rate: float = 0.0
@@ -55,7 +62,11 @@ class IMPModel(nn.Module):
                 mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
         result = self.encoder(x, mask)
         tokens = result.tokens
-        pooled = tokens[:, 0] if self.agg_token is not None else mean_pool(tokens, mask)
+        queries = None
+        if self.pooler is not None:
+            pooled, queries = self.pooler(tokens, mask)
+        else:
+            pooled = tokens[:, 0] if self.agg_token is not None else mean_pool(tokens, mask)
         aux = sum((s.aux_loss for s in result.moe.values()), tokens.new_zeros((), dtype=torch.float32))
         return EncoderOutput(
             pooled=pooled,
@@ -64,7 +75,20 @@ class IMPModel(nn.Module):
             aux_loss=aux,
             expert_load={layer: s.load for layer, s in result.moe.items()},
             moe=result.moe,
+            queries=queries,
         )
+
+    def decoder_context(self, out: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the text decoder cross-attends to: the pooler's queries, else every encoder token (and mask)."""
+        if self.decoder is None:
+            raise ValueError("the model has no text decoder (set model.decoder.enabled, or add a caption objective)")
+        return (out.queries, None) if out.queries is not None else (out.tokens, out.mask)
+
+    def caption_logits(self, out: EncoderOutput, ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decoder logits [B, L + 1, V] for captions ``ids`` [B, L] of the encoded batch ``out``."""
+        context, mask = self.decoder_context(out)
+        assert self.decoder is not None
+        return self.decoder(decoder_inputs(ids, self.decoder.bos_id), context, mask).logits
 
     def project(self, pooled: torch.Tensor, source: str, target: str) -> torch.Tensor:
         """Map ``source``-modality features into the common space shared with ``target`` -> [B, d_common]."""

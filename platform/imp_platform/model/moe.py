@@ -187,11 +187,12 @@ class MoEFFN(nn.Module):
     def _experts_bmm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.bmm(F.gelu(torch.bmm(x, self.w1)), self.w2)
 
-    def _dispatch_bmm(self, x: torch.Tensor, token_idx: torch.Tensor, gates: torch.Tensor, rows: int) -> torch.Tensor:
+    def _dispatch_slots(self, x: torch.Tensor, token_idx: torch.Tensor, gates: torch.Tensor, rows: int) -> torch.Tensor:
         """Experts over equal-sized slot lists: ``token_idx`` [E * C] (expert-major) -> y [rows, d] float32.
 
         One gather, two ``bmm`` over [E, C, d] and one scatter-add: a handful of large kernels,
-        which is what keeps the layer close to a dense FFN on CPU.
+        which is what keeps the layer close to a dense FFN on CPU. (Expert parallelism overrides
+        this and ``_dispatch_sorted``.)
         """
         d = x.shape[-1]
         out = self._experts_bmm(x.index_select(0, token_idx).view(self.num_experts, -1, d)).view(-1, d)
@@ -247,7 +248,7 @@ class MoEFFN(nn.Module):
         if valid is not None:
             gates = gates.clamp_min(0.0)  # a padding slot (score -1) adds nothing
 
-        y = self._dispatch_bmm(x, token_idx, gates, groups * size)[:tokens].to(x.dtype)
+        y = self._dispatch_slots(x, token_idx, gates, groups * size)[:tokens].to(x.dtype)
 
         real_lse, real_probs = (lse, probs) if valid is None else (lse[valid], probs[valid])
         with torch.no_grad():
@@ -266,8 +267,12 @@ class MoEFFN(nn.Module):
         rows = None if valid is None else valid.nonzero().squeeze(1)
         xs = x if rows is None else x[rows]
         if xs.shape[0] == 0:
+            # No assignments, but still through the experts: zero expert gradients, and an expert-parallel
+            # layer joins the other ranks' token exchange.
             load = x.new_zeros(experts, dtype=torch.float32)
-            return torch.zeros_like(x), self._empty_stats(load, load.new_zeros(()))
+            none = x.new_zeros(0, dtype=torch.long)
+            y = self._dispatch_sorted(x, load[:0], none, none.new_zeros(experts), None, tokens)
+            return y.to(x.dtype), self._empty_stats(load, load.new_zeros(()))
 
         probs, lse = router_probs(self._logits(xs))
         # [Tv, k]; max is several times faster than topk for the common k = 1
@@ -280,15 +285,29 @@ class MoEFFN(nn.Module):
         inverse = None
         if rows is None and k == 1:  # every token exactly once: dest is a permutation
             inverse = torch.empty_like(dest).scatter_(0, dest, torch.arange(tokens, device=x.device))
-        offs = torch.cumsum(counts, dim=0).to(torch.int32)
-        dtype = _compute_dtype(x)
-        y = SortedExperts.apply(
-            x.to(dtype), self.w1.to(dtype), self.w2.to(dtype), gates.reshape(-1).index_select(0, order), dest, offs, inverse, tokens
-        )
+        y = self._dispatch_sorted(x, gates.reshape(-1).index_select(0, order), dest, counts, inverse, tokens)
 
         load = counts.float() / counts.sum()
         weighted = self._aux(lse, probs, expert_ids)
         return y.to(x.dtype), self._stats(weighted, load, torch.ones((), device=x.device))
+
+    def _dispatch_sorted(
+        self,
+        x: torch.Tensor,
+        gates: torch.Tensor,
+        dest: torch.Tensor,
+        counts: torch.Tensor,
+        inverse: torch.Tensor | None,
+        rows: int,
+    ) -> torch.Tensor:
+        """Experts over assignments sorted by expert -> y [rows, d] float32.
+
+        ``dest`` [M] token rows, ``counts`` [E] assignments per expert, ``gates`` [M]; ``inverse``
+        as in ``SortedExperts``.
+        """
+        offs = torch.cumsum(counts, dim=0).to(torch.int32)
+        dtype = _compute_dtype(x)
+        return SortedExperts.apply(x.to(dtype), self.w1.to(dtype), self.w2.to(dtype), gates, dest, offs, inverse, rows)
 
     def _empty_stats(self, load: torch.Tensor, coverage: torch.Tensor) -> MoEStats:
         # Keep the router in the graph so DDP sees a gradient (zero) for it.

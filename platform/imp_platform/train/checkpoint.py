@@ -8,6 +8,11 @@ checkpoint directory in ``storage_path``):
 - ``pretrain.yaml``: the run config with credentials redacted (eval finds the held-out data through it),
 - ``history.json``: the logged metric rows,
 - ``rank-<r>-of-<w>.json``: that rank's data stream positions and RNG states (JSON),
+- sharded (FSDP) runs: ``dcp/`` (``torch.distributed.checkpoint``: every rank's shards of the model
+  and optimizer, ``.metadata`` from rank 0) and ``config.json`` in place of ``model.safetensors``
+  and the optimizer in ``train_state.pt``. DCP reshards on load, so a run saved on N workers
+  resumes on M; ``load_model`` consolidates the shards in one process for eval and export.
+  Each rank file records the sizes of that rank's shard files,
 - ``COMPLETE.json``: written last by rank 0: the size of each of its files and the names of every
   rank's file. A directory without it, or whose files disagree with it (an upload cut short), is
   refused: a half-written checkpoint is never loaded.
@@ -34,6 +39,7 @@ TRAIN_STATE = "train_state.pt"
 RUN_CONFIG = "pretrain.yaml"
 HISTORY = "history.json"
 COMPLETE = "COMPLETE.json"
+SHARDS = "dcp"
 
 
 class CheckpointError(RuntimeError):
@@ -46,18 +52,25 @@ def rank_file(rank: int, world_size: int) -> str:
 
 def save_checkpoint(directory: str | Path, *, rank: int, world_size: int, rank_state: dict[str, Any],
                     model: torch.nn.Module | None = None, model_cfg: Any = None, cfg: PretrainConfig | None = None,
-                    train_state: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None) -> Path:
+                    train_state: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write this rank's share of a checkpoint into ``directory`` (rank 0 passes the model and state).
 
     ``rank_state`` is JSON (stream cursors, RNG states); ``train_state`` holds tensors and numbers.
+    ``optimizer`` given: a sharded run, where every rank passes its model and optimizer and writes
+    its shards (``save_sharded``, a collective).
     """
-    from imp_platform.model.io import save_pretrained
+    from imp_platform.model.io import CONFIG, save_pretrained
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / rank_file(rank, world_size)).write_text(json.dumps(rank_state))
+    files = save_sharded(directory, model, optimizer) if optimizer is not None else {}
+    (directory / rank_file(rank, world_size)).write_text(json.dumps({**rank_state, "files": files}))
     if rank == 0:
-        save_pretrained(model, model_cfg, directory)
+        if optimizer is None:
+            save_pretrained(model, model_cfg, directory)
+        else:
+            (directory / CONFIG).write_text(json.dumps(model_cfg.model_dump(mode="json"), indent=2))
         torch.save(train_state, directory / TRAIN_STATE)
         dump_yaml(cfg, directory / RUN_CONFIG)
         (directory / HISTORY).write_text(json.dumps(history or []))
@@ -81,7 +94,14 @@ def verify_complete(directory: str | Path) -> None:
         raise CheckpointError(f"{directory}: no {COMPLETE}: the checkpoint was not completely written; refusing it")
     marker = json.loads(marker_path.read_text())
     problems = [f"{name} missing" for name in marker["ranks"] if not (directory / name).exists()]
-    for name, size in marker["files"].items():
+    sizes = dict(marker["files"])
+    for name in marker["ranks"]:
+        if (directory / name).exists():
+            try:
+                sizes.update(json.loads((directory / name).read_text()).get("files", {}))
+            except json.JSONDecodeError:
+                problems.append(f"{name} is not complete JSON")
+    for name, size in sizes.items():
         path = directory / name
         if not path.exists():
             problems.append(f"{name} missing")
@@ -123,11 +143,70 @@ def load_run_config(directory: str | Path) -> PretrainConfig:
 
 
 def load_model(directory: str | Path) -> tuple[torch.nn.Module, Any]:
-    """(model, ModelConfig) from a checkpoint directory, on CPU in eval mode."""
+    """(model, ModelConfig) from a checkpoint directory, on CPU in eval mode (a sharded one consolidated)."""
     from imp_platform.model.io import load_pretrained
 
-    model, model_cfg = load_pretrained(directory)
+    if is_sharded(directory):
+        model, model_cfg = _consolidate(Path(directory))
+    else:
+        model, model_cfg = load_pretrained(directory)
     return model.eval(), model_cfg
+
+
+def is_sharded(directory: str | Path) -> bool:
+    """Whether the checkpoint holds DCP shards (an FSDP run) rather than ``model.safetensors``."""
+    return (Path(directory) / SHARDS).is_dir()
+
+
+def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """This rank's DCP shards of the model and optimizer in ``directory/dcp`` (every rank calls it
+    together); the files it wrote with their sizes. Keys are the model's own parameter names, so
+    any world size (or one process) can read them back."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    path = directory / SHARDS
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
+    return {f"{SHARDS}/{p.name}": p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def load_sharded(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load DCP shards saved by any world size into this rank's shards of ``model`` and ``optimizer``.
+
+    Every model weight must be there. Optimizer state may lack parameters: AdamW creates a
+    parameter's state at its first gradient, and AGD steps had not reached every task's layers
+    when the checkpoint was taken; those keep the fresh state (step 0, zero moments), which is
+    exactly what AdamW would create.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(directory) / SHARDS
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state}, checkpoint_id=path)
+    optim = {"optimizer": optim_state}
+    dcp.load(optim, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim["optimizer"])
+
+
+def _consolidate(directory: Path) -> tuple[torch.nn.Module, Any]:
+    """The full model from a sharded checkpoint, read in this one process (no process group needed)."""
+    import torch.distributed.checkpoint as dcp
+
+    from imp_platform.config.base import validate
+    from imp_platform.config.model import ModelConfig
+    from imp_platform.model import build_model
+    from imp_platform.model.io import CONFIG
+
+    path = directory / CONFIG
+    model_cfg = validate(ModelConfig, json.loads(path.read_text()), source=str(path))
+    model = build_model(model_cfg)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=directory / SHARDS, no_dist=True)
+    model.load_state_dict(state["model"])
+    return model, model_cfg
 
 
 def rng_state() -> dict[str, Any]:

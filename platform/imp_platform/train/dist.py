@@ -27,7 +27,7 @@ def is_distributed() -> bool:
 
 def allreduce_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = BUCKET_BYTES) -> int:
     """Average grads across ranks for the params that have one on any rank; returns the count reduced."""
-    if not is_distributed():
+    if not is_distributed() or not params:
         return sum(p.grad is not None for p in params)
     device = params[0].device
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=device)

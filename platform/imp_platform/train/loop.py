@@ -1,4 +1,9 @@
-"""The per-worker training loop that Ray Train runs: AGD steps, grad all-reduce, eval, checkpoints.
+"""The per-worker training loop that Ray Train runs: AGD steps, grad sync, eval, checkpoints.
+
+The model is laid out as ``parallel:`` says (train/parallel.py: replicated or FSDP2, expert
+parallel, checkpointed, compiled). A task with ``global_token_budget`` accumulates grads over
+micro-batches so its step's batch does not depend on the worker count. Metrics stay tensors
+until the log interval: the step's one host sync is the all-rank finite check below.
 
 Every worker makes the same calls in the same order: the AGD sampler is seeded identically,
 eval runs on rank 0 and its metrics are broadcast, and every worker calls ``ray.train.report``
@@ -30,14 +35,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from imp_platform.config.train import PretrainConfig
+from imp_platform.config.train import PretrainConfig, TaskConfig
 from imp_platform.memory import reuse_large_allocations
 from imp_platform.train import checkpoint as ckpt
 from imp_platform.train.agd import AGDSampler, Choice
-from imp_platform.train.dist import allreduce_gradients, broadcast_object, broadcast_parameters, is_distributed
+from imp_platform.train.dist import broadcast_object, broadcast_parameters, is_distributed
 from imp_platform.train.metrics import MetricsWindow, TensorBoardLogger, progress_line, scalar_metrics
-from imp_platform.train.optim import build_optimizer, build_scheduler, clip_gradients
-from imp_platform.train.tasks import resolve_model_config, run_task, task_columns, tokens_per_sample
+from imp_platform.train.optim import build_optimizer, build_scheduler
+from imp_platform.train.parallel import Parallelism, apply_parallelism, full_state_dict, local, set_gradient_sync
+from imp_platform.train.tasks import TaskOutput, resolve_model_config, run_task, task_columns, tokens_per_sample
 
 if TYPE_CHECKING:
     from imp_platform.data.stream import BucketInfo
@@ -74,8 +80,9 @@ def _debug(rank: int, name: str, text: str) -> None:
 @dataclass
 class BucketPlan:
     info: BucketInfo  # the task's view: stored buckets merged where the task's columns agree in shape
-    batch_size: int
+    batch_size: int  # one worker's micro-batch
     tokens_per_sample: int
+    accum: int = 1  # micro-batches per optimizer step (gradient accumulation)
 
     @property
     def count(self) -> int:
@@ -89,21 +96,37 @@ def plan_buckets(cfg: PretrainConfig, model: Any, datasets: dict[str, Any],
     A task's views are the stored buckets that have its columns, merged by those columns'
     shapes (``ProcessedDataset.views``): each is one uniform-shape stream for the task.
     """
-    from imp_platform.data.buckets import batch_size_for
-
     plans: dict[str, dict[str, BucketPlan]] = {}
     for name, task in cfg.tasks.items():
         plans[name] = {}
         for info in datasets[task.split].views(task_columns(task), task.buckets):
             tps = tokens_per_sample(model, task, info.shape)
-            # Never more rows than one rank's share: a batch that wraps its epoch would hold
-            # the same clip twice, a false negative for NCE.
-            batch = min(batch_size_for(tps, task.token_budget), info.count // world_size)
+            batch, accum = micro_batching(tps, task, info.count, world_size)
             if batch >= 2:
-                plans[name][info.name] = BucketPlan(info, batch, tps)
+                plans[name][info.name] = BucketPlan(info, batch, tps, accum)
         if not plans[name]:
             raise ValueError(f"task {name!r}: no bucket of split {task.split!r} has columns {task_columns(task)}")
     return plans
+
+
+def micro_batching(tokens_per_sample: int, task: TaskConfig, rows: int, world_size: int) -> tuple[int, int]:
+    """(one worker's micro-batch, micro-batches per step) of a bucket of ``rows`` samples.
+
+    Without ``global_token_budget`` a worker's batch is its ``token_budget`` and there is no
+    accumulation. With it, the step's batch over all workers is fixed by the recipe and split
+    into ``world_size x accum`` equal micro-batches no bigger than ``token_budget`` each, so the
+    same config takes the same optimizer steps on any worker count. A micro-batch never holds
+    more rows than one rank's share: a batch that wraps its epoch would hold the same clip
+    twice, a false negative for NCE.
+    """
+    from imp_platform.data.buckets import batch_size_for
+
+    cap = min(batch_size_for(tokens_per_sample, task.token_budget), rows // world_size)
+    if task.global_token_budget is None or cap < 1:
+        return cap, 1
+    step_batch = batch_size_for(tokens_per_sample, task.global_token_budget)
+    accum = math.ceil(step_batch / (world_size * cap))
+    return step_batch // (world_size * accum), accum
 
 
 def stream_seed(run_seed: int, task: str, bucket: str) -> int:
@@ -218,15 +241,14 @@ class NonFiniteGuard:
         self.total, self._streak = int(state["total"]), list(state["streak"])
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is True on any (a one-element MAX all-reduce)."""
-    if not is_distributed():
-        return flag
-    import torch.distributed as dist
+def _any_rank_nonfinite(*values: torch.Tensor) -> bool:
+    """True on every rank if any of ``values`` is not finite on any rank: the step's one host sync."""
+    flag = torch.stack([~torch.isfinite(v.detach().float()).all() for v in values]).any().float().reshape(1)
+    if is_distributed():
+        import torch.distributed as dist
 
-    value = torch.tensor([float(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -248,8 +270,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model_cfg = resolve_model_config(cfg)
     model = build_model(model_cfg).to(device)
+    from imp_platform.model.init import init_model  # model.init_from / freeze; a resume loads its own weights later
+
+    init_model(model, cfg.model, model_cfg, cfg.run.storage_options, resuming=ray.train.get_checkpoint() is not None)
     broadcast_parameters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    parallel = apply_parallelism(model, cfg.parallel, device)
+    sharded, params = parallel.sharded, parallel.params
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim, cfg.run.steps)
 
@@ -260,11 +286,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     streams = Streams(cfg, datasets, plans, rank, world)
     guard = NonFiniteGuard(cfg.run.max_nonfinite_skips)
     history: list[dict[str, Any]] = []
-    state = _TrainState(model, model_cfg, optimizer, scheduler, sampler, streams, guard, history, cfg, rank, world)
+    state = _TrainState(model, model_cfg, optimizer, scheduler, sampler, streams, guard, history, cfg, rank, world,
+                        sharded)
     start = state.restore()
     _debug(rank, "starts", str(start))
 
-    evaluator = _Evaluator(cfg, device) if cfg.eval.enabled and rank == 0 else None
+    evaluator = _Evaluator(cfg, device, model_cfg if sharded else None) if cfg.eval.enabled and rank == 0 else None
     tb = TensorBoardLogger(Path(cfg.run.storage_path) / cfg.run.name / "tensorboard") \
         if cfg.run.tensorboard and rank == 0 and "://" not in cfg.run.storage_path else None
     if rank == 0:
@@ -278,12 +305,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model.train()
             began = time.perf_counter()
             choices = sampler.next()
-            batches = [streams.next(c) for c in choices]
+            batches = [[streams.next(c) for _ in range(plans[c.task][c.bucket].accum)] for c in choices]
             data_time = time.perf_counter() - began
             optimizer.zero_grad(set_to_none=True)
-            outputs, loss_value, grad_norm = _forward_backward(model, cfg, choices, batches, device, params)
+            outputs, loss, grad_norm = forward_backward(model, cfg, choices, batches, device, parallel)
             # The averaged grads (so their norm) agree on every rank; the loss is each rank's own.
-            if _any_rank(not math.isfinite(loss_value)) or not math.isfinite(grad_norm):
+            if _any_rank_nonfinite(loss, grad_norm):
                 guard.skipped(step, choices)
             else:
                 guard.passed()
@@ -291,7 +318,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # realised mix (tune): applied steps only
                 sampler.mix.add_samples({c.task: o.samples * world for c, o in zip(choices, outputs)})
                 window.record(
-                    task="+".join(c.task for c in choices), loss=loss_value,
+                    task="+".join(c.task for c in choices), loss=loss,
                     parts={f"{c.task}.{k}" if len(choices) > 1 else k: v
                            for c, o in zip(choices, outputs) for k, v in o.parts.items()},
                     tokens=sum(plans[c.task][c.bucket].tokens_per_sample * o.samples for c, o in zip(choices, outputs)),
@@ -299,15 +326,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     data_time=data_time, grad_norm=grad_norm, expert_load=_merge_loads(o.expert_load for o in outputs))
             scheduler.step()
             if os.environ.get(DEBUG_DIR_ENV):
-                _debug(rank, "grads", f"{step} {choices[0].task} {_digest(p.grad for p in params)!r} "
-                                      f"{_digest(params)!r}")
+                _debug(rank, "grads", f"{step} {choices[0].task} {_digest(local(p.grad for p in params))!r} "
+                                      f"{_digest(local(params))!r}")
             done = step + 1
             is_eval = done % cfg.run.eval_every == 0 or done == cfg.run.steps
             is_report = is_eval or done % cfg.run.checkpoint_every == 0
             if done % cfg.run.log_every == 0 or is_report:
                 extra = {}
                 if is_eval:
-                    extra.update(broadcast_object(evaluator.run(model) if evaluator else {}))
+                    extra.update(_evaluate(evaluator, model, sharded))
                 if is_report:
                     extra.update(sampler.mix.metrics())  # steps_frac_<task>, samples_<task> since step 0
                 row = _row(window, done, scheduler.get_last_lr()[0], guard, extra)
@@ -325,18 +352,49 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tb.close()
 
 
-def _forward_backward(model: torch.nn.Module, cfg: PretrainConfig, choices: list[Choice], batches: list[dict[str, Any]],
-                      device: torch.device, params: list[torch.nn.Parameter]) -> tuple[list[Any], float, float]:
-    """Forward the step's tasks, backward their summed loss, average grads over ranks and clip them.
+def forward_backward(model: torch.nn.Module, cfg: PretrainConfig, choices: list[Choice],
+                     batches: list[list[dict[str, Any]]], device: torch.device,
+                     parallel: Parallelism) -> tuple[list[TaskOutput], torch.Tensor, torch.Tensor]:
+    """Forward and backward each task's micro-batches (``batches[i]``: task ``i``'s), average grads
+    over ranks and clip them.
 
-    Returns (task outputs, this rank's loss, the global grad norm before clipping: the same on every rank).
+    Each micro-batch's loss is divided by the task's micro-batch count, so accumulating gives the
+    mean over the step's batch; FSDP reduces grads only after the last micro-batch. Returns
+    (each task's output, averaged over its micro-batches; the step's loss on this rank; the
+    global grad norm before clipping, the same on every rank), all tensors: nothing here waits
+    on the device.
     """
-    with _autocast(device):
-        outputs = [run_task(model, c.task, cfg.tasks[c.task], b, device) for c, b in zip(choices, batches)]
-        total = sum(o.loss for o in outputs)
-    total.backward()
-    allreduce_gradients(params)
-    return outputs, float(total.detach()), clip_gradients(params, cfg.optim.grad_clip)
+    outputs: list[TaskOutput] = []
+    for i, (choice, micro) in enumerate(zip(choices, batches, strict=True)):
+        done: list[TaskOutput] = []
+        for j, batch in enumerate(micro):
+            set_gradient_sync(model, i == len(choices) - 1 and j == len(micro) - 1)
+            with _autocast(device):
+                out = run_task(model, choice.task, cfg.tasks[choice.task], batch, device)
+            (out.loss / len(micro)).backward()
+            done.append(out)
+        outputs.append(_mean_output(done))
+    loss = torch.stack([o.loss for o in outputs]).sum()
+    return outputs, loss, parallel.sync_and_clip(cfg.optim.grad_clip)
+
+
+def _mean_output(outs: list[TaskOutput]) -> TaskOutput:
+    """One task's micro-batch outputs as one: mean loss, parts and expert load (detached), summed samples."""
+    def mean(values):
+        return torch.stack(list(values)).mean(0)
+
+    return TaskOutput(
+        loss=mean(o.loss.detach() for o in outs),
+        parts={k: mean(o.parts[k] for o in outs) for k in outs[0].parts},
+        samples=sum(o.samples for o in outs),
+        expert_load={m: {layer: mean(o.expert_load[m][layer] for o in outs) for layer in layers}
+                     for m, layers in outs[0].expert_load.items()})
+
+
+def _evaluate(evaluator: _Evaluator | None, model: torch.nn.Module, sharded: bool) -> dict[str, Any]:
+    """Rank 0's held-out metrics on every rank; a sharded model is gathered first (every rank takes part)."""
+    state = full_state_dict(model) if sharded else None
+    return broadcast_object(evaluator.run(model, state) if evaluator else {})
 
 
 def _row(window: MetricsWindow, done: int, lr: float, guard: NonFiniteGuard, extra: dict[str, Any]) -> dict[str, Any]:
@@ -413,6 +471,7 @@ class _TrainState:
     cfg: PretrainConfig
     rank: int
     world: int
+    sharded: bool  # FSDP or expert-parallel: model and optimizer state go through DCP, every rank its shards
 
     def restore(self) -> int:
         """Resume from Ray Train's latest checkpoint (failure restart or a rerun of the same name); the step."""
@@ -423,9 +482,17 @@ class _TrainState:
             return 0
         with checkpoint.as_directory() as directory:
             state, ranks = ckpt.open_for_resume(directory)
-            loaded, _ = ckpt.load_model(directory)
-            self.model.load_state_dict(loaded.state_dict())
-            self.optimizer.load_state_dict(state["optimizer"])
+            if ckpt.is_sharded(directory) != self.sharded:
+                layouts = {True: "sharded (parallel.data=fsdp or parallel.expert>1)", False: "replicated"}
+                raise ckpt.CheckpointError(
+                    f"{directory}: saved {layouts[ckpt.is_sharded(directory)]}, resumed {layouts[self.sharded]}: "
+                    "resume with the parallel layout it was saved with")
+            if self.sharded:
+                ckpt.load_sharded(directory, self.model, self.optimizer)
+            else:
+                loaded, _ = ckpt.load_model(directory)
+                self.model.load_state_dict(loaded.state_dict())
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.sampler.load_state_dict(state["sampler"])
             self.guard.load_state_dict(state["nonfinite"])
@@ -451,26 +518,37 @@ class _TrainState:
         from ray.train import Checkpoint
 
         with tempfile.TemporaryDirectory(prefix="imp-ckpt-") as tmp:
-            train_state = {"step": step, "optimizer": self.optimizer.state_dict(),
-                           "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+            train_state = {"step": step, "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                            "nonfinite": self.guard.state_dict()}
+            if not self.sharded:
+                train_state["optimizer"] = self.optimizer.state_dict()
             rank_state = {"rank": self.rank, "world_size": self.world, "step": step,
                           "cursors": self.streams.state_dict(), "rng": ckpt.rng_state()}
             ckpt.save_checkpoint(tmp, rank=self.rank, world_size=self.world, rank_state=rank_state, model=self.model,
-                                 model_cfg=self.model_cfg, cfg=self.cfg, train_state=train_state, history=self.history)
+                                 model_cfg=self.model_cfg, cfg=self.cfg, train_state=train_state, history=self.history,
+                                 optimizer=self.optimizer if self.sharded else None)
             ray.train.report(scalar_metrics(row), checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{step:07d}")
 
 
 class _Evaluator:
-    """Held-out zero-shot + retrieval on rank 0 (opened once, reused at each interval)."""
+    """Held-out zero-shot + retrieval on rank 0 (opened once, reused at each interval).
 
-    def __init__(self, cfg: PretrainConfig, device: torch.device):
+    A sharded (FSDP) run evaluates an unsharded replica (``model_cfg`` given) loaded with the
+    gathered weights: rank 0 alone cannot run a sharded model.
+    """
+
+    def __init__(self, cfg: PretrainConfig, device: torch.device, model_cfg: Any = None):
         from imp_platform.eval.zeroshot import HeldOut
+        from imp_platform.model import build_model
 
         self.heldout = HeldOut.open(cfg, device)
+        self.replica = build_model(model_cfg).to(device) if model_cfg is not None else None
 
-    def run(self, model: torch.nn.Module) -> dict[str, float]:
+    def run(self, model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        if state is not None:
+            self.replica.load_state_dict(state)
+            model = self.replica
         model.eval()
         try:
             return self.heldout.evaluate(model)

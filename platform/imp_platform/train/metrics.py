@@ -15,45 +15,51 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
+Scalar = float | torch.Tensor
+
 
 class MetricsWindow:
-    """Accumulates step records between two flushes."""
+    """Accumulates step records between two flushes.
+
+    Losses, grad norms and expert loads may be tensors (as the step leaves them): they are kept
+    as tensors and moved to the host once per flush, so recording a step never waits on the device.
+    """
 
     def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:
-        self._loss: dict[str, list[float]] = defaultdict(list)
-        self._parts: dict[str, list[float]] = defaultdict(list)
-        self._load: dict[str, list[np.ndarray]] = defaultdict(list)
+        self._values: dict[str, list[torch.Tensor]] = defaultdict(list)  # loss/<task>, part/<task>/<name>, grad_norm
         self._tasks: dict[str, int] = defaultdict(int)
         self._tokens = 0
         self._samples = 0
         self._step_time = 0.0
         self._data_time = 0.0
-        self._grad_norm: list[float] = []
         self._started = time.perf_counter()
 
-    def record(self, *, task: str, loss: float, parts: dict[str, float], tokens: int, samples: int,
-               step_time: float, data_time: float, grad_norm: float,
-               expert_load: dict[str, dict[str, list[float]]] | None = None) -> None:
+    def record(self, *, task: str, loss: Scalar, parts: dict[str, Scalar], tokens: int, samples: int,
+               step_time: float, data_time: float, grad_norm: Scalar,
+               expert_load: dict[str, dict[str, Any]] | None = None) -> None:
         """One optimizer step of ``task`` (``expert_load``: modality -> layer -> per-expert fraction)."""
-        self._loss[task].append(loss)
+        self._add(f"loss/{task}", loss)
         for name, value in parts.items():
-            self._parts[f"{task}/{name}"].append(value)
+            self._add(f"part/{task}/{name}", value)
         self._tasks[task] += 1
         self._tokens += tokens
         self._samples += samples
         self._step_time += step_time
         self._data_time += data_time
-        self._grad_norm.append(grad_norm)
+        self._add("grad_norm", grad_norm)
         for modality, layers in (expert_load or {}).items():
             for layer, load in layers.items():
-                self._load[f"expert_load/{modality}/{layer}"].append(np.asarray(load, dtype=float))
+                self._add(f"expert_load/{modality}/{layer}", load)
+
+    def _add(self, key: str, value: Any) -> None:
+        self._values[key].append(torch.as_tensor(value).detach().to(torch.float64).reshape(-1))
 
     def restart_clock(self) -> None:
         """Exclude time spent outside training steps (eval, checkpointing) from throughput."""
@@ -62,21 +68,33 @@ class MetricsWindow:
     def flush(self, step: int, lr: float) -> dict[str, Any]:
         """Window averages as one flat dict, then start a new window."""
         elapsed = max(time.perf_counter() - self._started, 1e-9)
+        means = self._means()
         out: dict[str, Any] = {"step": step, "lr": lr}
-        all_losses = [v for values in self._loss.values() for v in values]
-        out["loss"] = float(np.mean(all_losses)) if all_losses else float("nan")
-        for task, values in self._loss.items():
-            out[f"loss/{task}"] = float(np.mean(values))
-            out[f"steps/{task}"] = self._tasks[task]
-        for name, values in self._parts.items():
-            out[f"part/{name}"] = float(np.mean(values))
+        losses = [v for key, values in self._values.items() if key.startswith("loss/") for v in values]
+        out["loss"] = float(torch.cat(losses).mean()) if losses else float("nan")
+        for task, count in self._tasks.items():
+            out[f"loss/{task}"] = means[f"loss/{task}"][0]
+            out[f"steps/{task}"] = count
+        out.update({k: v[0] for k, v in means.items() if k.startswith("part/")})
         out["tokens_per_s"] = self._tokens / elapsed
         out["samples_per_s"] = self._samples / elapsed
         out["data_wait_frac"] = self._data_time / max(self._step_time, 1e-9)
-        out["grad_norm"] = float(np.mean(self._grad_norm)) if self._grad_norm else 0.0
-        for key, loads in self._load.items():
-            out[key] = np.mean(np.stack(loads), axis=0).round(4).tolist()
+        out["grad_norm"] = means["grad_norm"][0] if "grad_norm" in means else 0.0
+        out.update({k: [round(x, 4) for x in v] for k, v in means.items() if k.startswith("expert_load/")})
         self._reset()
+        return out
+
+    def _means(self) -> dict[str, list[float]]:
+        """Each key's mean over the window, all moved to the host in one transfer."""
+        if not self._values:
+            return {}
+        keys = list(self._values)
+        means = [torch.stack([v.to(self._values[keys[0]][0].device) for v in self._values[k]]).mean(0) for k in keys]
+        flat = torch.cat(means).cpu().tolist()
+        out, offset = {}, 0
+        for key, mean in zip(keys, means, strict=True):
+            out[key] = flat[offset: offset + mean.numel()]
+            offset += mean.numel()
         return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -35,11 +36,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched: ScheduleConfig, opt
         optimizer, lambda step: lr_factor(step, total_steps, sched.warmup_steps, optim.lr, sched.min_lr))
 
 
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    """Clip the global grad norm (after the all-reduce, so every rank clips identically); returns the norm."""
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    if max_norm is None:
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Clip the global grad norm (after the all-reduce, so every rank clips identically); returns the norm.
+
+    The norm stays a tensor (no host sync in the step). Sharded (DTensor) grads count every
+    rank's shards of their mesh; plain grads beside them (replicated parameters) count once.
+    """
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[Any, list[torch.nn.Parameter]] = {}  # by device mesh (None: plain tensors)
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    if not groups:
+        return torch.zeros(())
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
+    if max_norm is not None:
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total

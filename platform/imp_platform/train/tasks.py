@@ -20,8 +20,13 @@ COLUMNS = {"video": ["video"], "image": ["image"], "audio_mel": ["audio_mel"], "
 
 
 def task_columns(task: TaskConfig) -> list[str]:
-    cols = [c for m in task.modalities for c in COLUMNS[m]]
-    if any(o.kind == "classification" for o in task.objectives):
+    """The processed columns a task's batches carry: its modalities', a distill teacher's inputs
+    (or its stored outputs), the label."""
+    distill = [o for o in task.objectives if o.kind == "distill"]
+    teacher = [m for o in distill if not o.teacher_column for m in o.teacher_modalities]
+    cols = list(dict.fromkeys([*(c for m in [*task.modalities, *teacher] for c in COLUMNS[m]),
+                               *(o.teacher_column for o in distill if o.teacher_column)]))
+    if any(o.uses_labels for o in task.objectives):
         cols.append(task.label)
     return cols
 
@@ -29,6 +34,12 @@ def task_columns(task: TaskConfig) -> list[str]:
 def head_name(task_name: str) -> str:
     """Classification heads are per task (one labelled dataset each, as in IMP)."""
     return task_name
+
+
+def head_modalities(cfg: PretrainConfig) -> dict[str, str]:
+    """Classification head -> the modality it reads: one head per task with labels (its first modality)."""
+    return {head_name(name): task.modalities[0] for name, task in cfg.tasks.items()
+            if any(o.uses_labels for o in task.objectives)}
 
 
 def resolve_model_config(cfg: PretrainConfig):
@@ -43,7 +54,9 @@ def resolve_model_config(cfg: PretrainConfig):
     data = apply_overrides(base, overrides)
     data["heads"] = {**data.get("heads", {}), **{
         head_name(name): num_classes(cfg, name) for name, t in cfg.tasks.items()
-        if any(o.kind == "classification" for o in t.objectives)}}
+        if any(o.uses_labels for o in t.objectives)}}
+    if any(o.kind == "caption" for t in cfg.tasks.values() for o in t.objectives):
+        data["decoder"] = {**data.get("decoder", {}), "enabled": True}
     return validate(ModelConfig, data, source="model (preset + model.overrides)")
 
 
@@ -73,9 +86,9 @@ def tokens_per_sample(model: Any, task: TaskConfig, shapes: dict[str, list[int]]
 @dataclass
 class TaskOutput:
     loss: torch.Tensor
-    parts: dict[str, float]
+    parts: dict[str, torch.Tensor]  # detached scalars: the step never waits on the device for metrics
     samples: int
-    expert_load: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    expert_load: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def to_inputs(modality: str, batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, dict]:
@@ -96,20 +109,36 @@ def encode(model: Any, modality: str, batch: dict[str, np.ndarray], device: torc
     return model.encode(modality, x, **kwargs)
 
 
+def captions_only(task: TaskConfig) -> bool:
+    """Whether the task's text is only caption targets (no contrastive objective), so the encoder skips it."""
+    kinds = {o.kind for o in task.objectives}
+    return "caption" in kinds and not kinds & {"nce", "mil_nce"}
+
+
 def run_task(model: Any, name: str, task: TaskConfig, batch: dict[str, np.ndarray], device: torch.device) -> TaskOutput:
     """Forward one task's batch: weighted sum of its objectives plus the encoders' MoE aux losses."""
-    from imp_platform.objectives import classification_loss, mil_nce_loss, nce_loss
+    from imp_platform.objectives import caption_loss, classification_loss, mil_nce_loss, nce_loss
     from imp_platform.train.dist import is_distributed
 
-    outs = {m: encode(model, m, batch, device, task.drop_rate(m) if model.training else 0.0) for m in task.modalities}
+    outs = {m: encode(model, m, batch, device, task.drop_rate(m) if model.training else 0.0)
+            for m in task.modalities if m != "text" or not captions_only(task)}
     loss = sum(o.aux_loss for o in outs.values())
-    parts: dict[str, float] = {"aux": float(loss.detach())}
+    parts: dict[str, torch.Tensor] = {"aux": loss.detach()}
     for obj in task.objectives:
         if obj.kind == "classification":
             modality = task.modalities[0]
             logits = model.classify(outs[modality].pooled, head_name(name))
             labels = torch.as_tensor(batch[task.label], dtype=torch.long, device=device)
             value = classification_loss(logits.float(), labels)
+        elif obj.kind == "distill":
+            from imp_platform.train.teacher import distill_value
+
+            labels = torch.as_tensor(batch[task.label], dtype=torch.long, device=device)
+            value = distill_value(model, head_name(name), task.modalities[0], obj, outs, batch, labels, device)
+        elif obj.kind == "caption":  # CoCa: the decoder reads the same encoder forward as the other objectives
+            ids, text = to_inputs("text", batch, device)
+            logits = model.caption_logits(outs[task.modalities[0]], ids)
+            value = caption_loss(logits, ids, text["mask"], model.decoder.eos_id, obj.label_smoothing or 0.0)
         else:
             a, b = task.modalities
             za = model.project(outs[a].pooled, a, b).float()
@@ -117,11 +146,11 @@ def run_task(model: Any, name: str, task: TaskConfig, batch: dict[str, np.ndarra
             temperature, gather = model.temperature(a, b), is_distributed()  # negatives from every rank
             value = (nce_loss(za, zb, temperature, gather=gather) if obj.kind == "nce"
                      else mil_nce_loss(za, zb[:, None], temperature, gather=gather))
-        parts[obj.kind] = float(value.detach())
+        parts[obj.kind] = value.detach()
         loss = loss + obj.weight * value
-    load = {m: {str(layer): v.detach().float().cpu().tolist() for layer, v in o.expert_load.items()}
+    load = {m: {str(layer): v.detach().float() for layer, v in o.expert_load.items()}
             for m, o in outs.items() if o.expert_load}
     for m, o in outs.items():  # Expert Choice balances load by construction; coverage is what varies
         if o.moe:
-            parts[f"coverage_{m}"] = float(sum(float(s.coverage) for s in o.moe.values()) / len(o.moe))
+            parts[f"coverage_{m}"] = torch.stack([s.coverage.float() for s in o.moe.values()]).mean()
     return TaskOutput(loss=loss, parts=parts, samples=len(next(iter(batch.values()))), expert_load=load)

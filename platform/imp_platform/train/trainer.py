@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imp_platform.config import ConfigError, load_config
+from imp_platform.config import ConfigError
 from imp_platform.config.base import split_secrets
 from imp_platform.config.train import PretrainConfig
 
@@ -52,7 +52,7 @@ def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any
 
     from imp_platform.train.loop import SECRETS_ENV, train_loop_per_worker
 
-    cfg = absolute_paths(cfg)
+    cfg = cfg.with_absolute_paths()
     if cfg.run.num_workers == 0:
         log.warning("run.num_workers=0: Ray Train local mode runs in this process and persists no checkpoints "
                     "(nothing to resume or evaluate afterwards); use 1+ workers for a real run")
@@ -88,19 +88,6 @@ def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
     )
-
-
-def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
-    """Local relative paths made absolute on the driver: Ray workers run in another directory."""
-    from imp_platform.data.sources import absolute
-
-    def fix(path: str | None) -> str | None:
-        return None if path is None else absolute(path)
-
-    data = cfg.data.model_copy(update={"root": fix(cfg.data.root), "pipeline": fix(cfg.data.pipeline),
-                                       "tokenizer": fix(cfg.data.tokenizer)})
-    run = cfg.run.model_copy(update={"storage_path": fix(cfg.run.storage_path)})
-    return cfg.model_copy(update={"data": data, "run": run})
 
 
 def ensure_ray(cfg: PretrainConfig, attempts: int = 3) -> None:

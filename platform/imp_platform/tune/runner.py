@@ -15,7 +15,7 @@ from typing import Any
 
 from imp_platform.config import ConfigError
 from imp_platform.config.train import PretrainConfig
-from imp_platform.config.tune import AshaScheduler, PbtScheduler, SweepConfig, load_base, with_absolute_paths
+from imp_platform.config.tune import AshaScheduler, PbtScheduler, SweepConfig, load_base
 from imp_platform.tune.check import check_sweep_acts
 from imp_platform.tune.results import SweepResult, collect_rows, write_report
 from imp_platform.tune.space import param_space
@@ -91,7 +91,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, base: PretrainConfig 
 
     from imp_platform.train.trainer import ensure_ray, prepare_data
 
-    base = with_absolute_paths(base) if base is not None else load_base(sweep)
+    base = base.with_absolute_paths() if base is not None else load_base(sweep)
     check_sweep_acts(sweep, base)  # before Ray starts: a sweep whose values cannot act measures nothing
     fs, inner = storage_filesystem(sweep)
     experiment = f"{inner.rstrip('/')}/{sweep.name}"

@@ -1,0 +1,63 @@
+"""``platform distill`` (CoMD): the shipped YAML validates, rounds turn classification into distillation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from imp_platform.cli import app
+from imp_platform.config import ConfigError
+from imp_platform.config.distill import load_distill_config
+from imp_platform.train.comd import base_config, role_tasks, run_config, write_rounds_plot
+from imp_platform.train.tasks import task_columns
+
+SHIPPED = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "distill.yaml"
+REDUCED = ["teacher_steps=2", "steps_per_round=2", "rounds=1"]
+
+
+def test_shipped_config_builds_every_round_run_with_sizes_reduced() -> None:
+    dc = load_distill_config(SHIPPED, REDUCED)
+    base = base_config(dc)
+    first = run_config(base, "t0", role_tasks(dc.teacher, dc), dc.teacher_steps, model=dc.teacher.model)
+    assert first.run.steps == 2 and first.agd.curriculum == [] and first.model.init_from is None
+    assert [o.kind for t in first.tasks.values() for o in t.objectives] == ["classification", "classification"]
+
+    student = run_config(base, "s1", role_tasks(dc.student, dc, "/ckpt/teacher", dc.teacher), dc.steps_per_round,
+                         model=dc.student.model, init_from="/ckpt/student")
+    (objective,) = student.tasks["video_cls"].objectives
+    assert (objective.kind, objective.teacher, objective.teacher_heads) == (
+        "distill", "/ckpt/teacher", {"video": "video_cls", "audio_mel": "audio_cls"})
+    assert student.model.init_from == "/ckpt/student" and student.model.overrides == {"depth": 2}
+    assert task_columns(student.tasks["video_cls"]) == ["video", "audio_mel", "label"]
+
+    back = run_config(base, "t1", role_tasks(dc.teacher, dc, "/ckpt/student", dc.student), 2, init_from="/ckpt/t")
+    audio = back.tasks["audio_cls"].objectives[0]
+    assert audio.teacher_modalities == ["video"] and audio.teacher_heads == {"video": "video_cls"}
+    assert task_columns(back.tasks["audio_cls"]) == ["audio_mel", "video", "label"]
+
+
+def test_roles_need_classification_tasks_and_list_no_distill(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="student.tasks: no classification task"):
+        load_distill_config(SHIPPED, ["student.tasks.video_cls.objectives=[{kind: nce}]",
+                                      "student.tasks.video_cls.modalities=[video, text]"])
+    with pytest.raises(ConfigError, match="teacher.tasks.audio_cls: list classification objectives"):
+        load_distill_config(SHIPPED, ["teacher.tasks.audio_cls.objectives=[{kind: distill, teacher: x, "
+                                      "teacher_modalities: [video]}]"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_distill_config(tmp_path / "missing.yaml")
+
+
+def test_rounds_plot(tmp_path: Path) -> None:
+    rows = [{"round": 0, "model": "teacher", "head_video_cls_top1": 0.5, "head_video_cls_ece": 0.2},
+            {"round": 1, "model": "student", "head_video_cls_top1": 0.6, "head_video_cls_ece": 0.1},
+            {"round": 1, "model": "teacher", "head_video_cls_top1": 0.7, "head_video_cls_ece": 0.05}]
+    out = write_rounds_plot(rows, tmp_path / "comd.png", "t")
+    assert Image.open(out).size[0] > 1000
+
+
+def test_cli_names_a_bad_key_and_exits_2() -> None:
+    result = CliRunner().invoke(app, ["distill", str(SHIPPED), "--rounds", "0"])
+    assert result.exit_code == 2 and "rounds" in result.output
