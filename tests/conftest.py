@@ -42,9 +42,19 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 def ensure_local_ray() -> None:
-    """Start the shared local Ray (4 logical CPUs) unless this process already has one."""
+    """Start the shared local Ray (4 logical CPUs) unless this process already has one with every CPU free.
+
+    A test that leaves CPUs reserved (an actor or placement group that outlived its run) would
+    starve the next test's placement groups, which then wait forever; a fresh Ray costs seconds.
+    """
     import ray
 
+    if ray.is_initialized() and not _all_cpus_free():
+        import warnings
+
+        warnings.warn(f"local Ray: CPUs still reserved after the previous test ({ray.available_resources()}); "
+                      "restarting it", stacklevel=2)
+        ray.shutdown()
     if not ray.is_initialized():
         ray.init(
             address="local",
@@ -53,6 +63,18 @@ def ensure_local_ray() -> None:
             log_to_driver=False,
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "platform")}},
         )
+
+
+def _all_cpus_free(wait_s: float = 10.0) -> bool:
+    """Whether the local Ray's logical CPUs all become available within ``wait_s`` (releases are asynchronous)."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while ray.available_resources().get("CPU", 0.0) < RAY_TEST_CPUS:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 @pytest.fixture
