@@ -81,6 +81,11 @@ class SynthSummary:
 # ---------------------------------------------------------------- tokenizer
 
 
+def label_word_groups() -> dict[str, tuple[str, ...]]:
+    """The words each caption must get right, by kind: one digit and one direction per clip."""
+    return {"digit": DIGIT_WORDS, "direction": DIRECTIONS}
+
+
 def caption_vocabulary() -> list[str]:
     """Every word any caption can contain, sorted (so the tokenizer is a pure function of the templates)."""
     words = {w for t in CAPTION_TEMPLATES for w in t.replace("{digit}", "").replace("{direction}", "").split()}
