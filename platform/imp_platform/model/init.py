@@ -77,17 +77,15 @@ def read_model(path: str, storage_options: dict[str, Any] | None = None) -> tupl
 
 
 def _read_local(directory: Path) -> tuple[State, ModelConfig]:
-    from imp_platform.model.io import load_pretrained
+    """``load_model`` reads both kinds (an exported dir is an unsharded checkpoint); a run checkpoint is verified first."""
     from imp_platform.train import checkpoint as ckpt
 
     if (directory / ckpt.COMPLETE).exists():
         ckpt.verify_complete(directory)
-        model, cfg = ckpt.load_model(directory)
     elif (directory / ckpt.TRAIN_STATE).exists():
         raise CheckpointError(f"{directory}: a run checkpoint without {ckpt.COMPLETE}: not completely written; "
                               f"refusing it")
-    else:
-        model, cfg = load_pretrained(directory)
+    model, cfg = ckpt.load_model(directory)
     return model.state_dict(), cfg
 
 
