@@ -1,8 +1,10 @@
 """AGD pretraining job: `python jobs/pretrain.py [--config FILE] [--set key=value ...]`.
 
 With no arguments it runs the embedded default (jobs/configs/pretrain.yaml): synth ->
-preprocess -> AGD pretraining with 2 Ray Train workers -> eval -> report. Works the same
-under `ray job submit --working-dir . -- python jobs/pretrain.py` (joins that cluster).
+preprocess -> AGD pretraining with 2 Ray Train workers -> eval -> report, then prints the
+peak memory and the wall time of each phase (also in the report's metrics.json as
+``time_<phase>_s``). Works the same under `ray job submit --working-dir . -- python
+jobs/pretrain.py` (joins that cluster).
 """
 
 from __future__ import annotations

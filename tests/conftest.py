@@ -55,14 +55,25 @@ def ensure_local_ray() -> None:
         warnings.warn(f"local Ray: CPUs still reserved after the previous test ({ray.available_resources()}); "
                       "restarting it", stacklevel=2)
         ray.shutdown()
-    if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=RAY_TEST_CPUS,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "platform")}},
-        )
+    for attempt in range(3):  # a raylet that misses Ray's fixed 30 s start-up wait on a loaded box: retry
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(
+                address="local",
+                num_cpus=RAY_TEST_CPUS,
+                # As ensure_ray ships it: the dashboard serves the State API, without which Ray Train's
+                # placement-group cleaner never frees the workers of a controller killed mid-run (an
+                # ASHA-stopped trial), and a sweep then waits forever for CPUs.
+                include_dashboard=True,
+                dashboard_port=free_port(),  # not 8265: another Ray on this machine may hold it
+                log_to_driver=False,
+                runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "platform")}},
+            )
+        except Exception:  # Ray raises a bare Exception for the timeout
+            ray.shutdown()
+            if attempt == 2:
+                raise
 
 
 def _all_cpus_free(wait_s: float = 10.0) -> bool:
@@ -82,6 +93,28 @@ def ray_local() -> Iterator[None]:
     """A real local Ray with 4 logical CPUs, started once and reused by later tests."""
     ensure_local_ray()
     yield
+
+
+@pytest.fixture
+def fresh_ray() -> Iterator[None]:
+    """A newly started local Ray for a test that needs every CPU for a long time (a sweep).
+
+    Whatever earlier tests' runs left alive (an idle Train controller, a retrying run) dies with
+    the old session instead of starving this test's placement groups. Afterwards the test's own
+    runs must have released every CPU: a leaked placement group fails the test, naming it.
+    """
+    import ray
+
+    ray.shutdown()
+    ensure_local_ray()
+    yield
+    if not _all_cpus_free(wait_s=60.0):
+        from ray.util import placement_group_table
+
+        free = ray.available_resources().get("CPU", 0.0)
+        alive = {pg: info["bundles"] for pg, info in placement_group_table().items() if info["state"] != "REMOVED"}
+        ray.shutdown()
+        pytest.fail(f"{free} of {RAY_TEST_CPUS} CPUs free 60 s after the test; placement groups alive: {alive}")
 
 
 @pytest.fixture

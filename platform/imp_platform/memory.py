@@ -3,6 +3,7 @@ workers), sampled in a thread; and the allocator setting CPU training needs."""
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import sys
@@ -40,29 +41,46 @@ class PeakMemory:
 
     RSS counts a page shared by several processes (torch's libraries, the object store) once per
     process, so its sum grows with the number of Ray workers alive; PSS splits shared pages
-    between their users and sums to what the machine really holds. Both peaks are kept.
+    between their users and sums to what the machine really holds. Both peaks are kept, and
+    ``peak_pss_by_process``: what each process title (``ray::TrainController``, ``raylet``, ...)
+    held at the PSS peak, so a peak over budget says which processes to cut.
     """
 
     def __init__(self, interval: float = 0.1) -> None:
         self.interval, self.peak_mb, self.peak_pss_mb = interval, 0.0, 0.0
+        self.peak_pss_by_process: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> tuple[float, float]:
         """(summed RSS, summed PSS) in MiB now."""
+        rss, by_process = self._sample()
+        return rss, sum(by_process.values())
+
+    def _sample(self) -> tuple[float, dict[str, float]]:
+        """(summed RSS, PSS per process title) in MiB now."""
         root = psutil.Process()
-        rss = pss = 0
+        rss, by_process = 0, collections.Counter()
         for proc in [root, *root.children(recursive=True)]:
             try:
                 info = proc.memory_full_info()
+                by_process[_title(proc)] += info.pss / 2**20
             except psutil.Error:
                 continue
-            rss, pss = rss + info.rss, pss + info.pss
-        return rss / 2**20, pss / 2**20
+            rss += info.rss
+        return rss / 2**20, dict(by_process)
 
     def _update(self) -> None:
-        rss, pss = self.sample()
-        self.peak_mb, self.peak_pss_mb = max(self.peak_mb, rss), max(self.peak_pss_mb, pss)
+        rss, by_process = self._sample()
+        pss = sum(by_process.values())
+        if pss > self.peak_pss_mb:
+            self.peak_pss_mb, self.peak_pss_by_process = pss, by_process
+        self.peak_mb = max(self.peak_mb, rss)
+
+    def top_processes(self, count: int = 6) -> str:
+        """The ``count`` process titles holding the most PSS at the peak, as ``title N MiB`` pairs."""
+        top = sorted(self.peak_pss_by_process.items(), key=lambda kv: -kv[1])[:count]
+        return ", ".join(f"{title} {mb:.0f} MiB" for title, mb in top)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -77,3 +95,12 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self._update()
+
+
+def _title(proc: psutil.Process) -> str:
+    """A process's title: a Ray worker's ``ray::Class`` (from its argv[0]), else its script or program name."""
+    args = proc.cmdline()
+    if args and args[0].startswith("ray::"):
+        return args[0].split(".")[0][:40]
+    script = "" if "-c" in args else next((a for a in args[1:] if not a.startswith("-")), "")
+    return (script.rsplit("/", 1)[-1] or proc.name())[:40]

@@ -47,10 +47,12 @@ def draw(colour: str, shape: str, size: tuple[int, int], centre: tuple[float, fl
     return np.asarray(image)
 
 
-def captions(colour: str, shape: str, direction: str) -> list[str]:
+def captions(colour: str, shape: str, direction: str, index: int) -> list[str]:
+    """Two captions, three for every other sample (several captions per sample: MIL-NCE positives)."""
     pitch = PITCH[colour][1]
+    third = [f"a {pitch} tone while the {colour} {shape} moves {direction}"] if index % 2 == 0 else []
     return [f"a {colour} {shape} glides {direction} across a grey background while a {pitch} tone hums",
-            f"footage of a {shape} painted {colour} with a steady {pitch} note playing"]
+            f"footage of a {shape} painted {colour} with a steady {pitch} note playing", *third]
 
 
 def make_sample(index: int, rng: np.random.Generator) -> dict[str, bytes]:
@@ -79,7 +81,7 @@ def make_sample(index: int, rng: np.random.Generator) -> dict[str, bytes]:
         members[audio_ext] = encode_audio(wave, rate, audio_ext)
     image_ext = list(IMAGE_EXTS)[index % len(IMAGE_EXTS)]
     members[image_ext] = image_bytes(Image.fromarray(frame(frames // 2)), IMAGE_EXTS[image_ext])
-    members["json"] = json.dumps({"caption": captions(colour, shape, direction), "label": colour, "shape": shape,
+    members["json"] = json.dumps({"caption": captions(colour, shape, direction, index), "label": colour, "shape": shape,
                                   "direction": direction, "source": "shapes-test"}).encode()
     return members
 

@@ -167,6 +167,10 @@ def build_corpus(root: Path, source: dict[str, dict[str, bytes]]) -> tuple[list[
     with tarfile.open(src / "no-members-00002.tar", "w"):
         pass
     (src / "notes.txt").write_text("not a shard")
+    with tarfile.open(root / "elsewhere-00007.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        add_sample(tar, "good-linked", base)  # read through a symlink in the source folder
+    (src / "linked-00007.tar").symlink_to(root / "elsewhere-00007.tar")
+    (src / "dangling-00008.tar").symlink_to(root / "gone.tar")
     with tarfile.open(src / "dup-00004.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         add_sample(tar, "good-0", good["good-0"])  # the same key in a second shard: one copy is dropped
     expected = {key: kind for key, (kind, _) in faults.items()}
@@ -179,7 +183,8 @@ def build_corpus(root: Path, source: dict[str, dict[str, bytes]]) -> tuple[list[
     expected[str(src / "empty-00001.tar")] = "empty_shard"
     expected[str(src / "no-members-00002.tar")] = "empty_shard"
     expected[str(src / "notes.txt")] = "not_tar"
-    return [*good, *hard, *before_cut, "repeated", "good-after-odd", "good-resync-a", "good-resync-b"], expected
+    expected[str(src / "dangling-00008.tar")] = "broken_symlink"
+    return [*good, *hard, *before_cut, "repeated", "good-after-odd", "good-resync-a", "good-resync-b", "good-linked"], expected
 
 
 def test_every_planted_fault_is_skipped_and_counted(

@@ -49,6 +49,25 @@ def test_all_fitting_writes_every_bucket_at_the_aspect_without_upscaling(native,
     assert buckets.pick_video_buckets(height, width, 1.0, MULTI, 8.0, resolutions=listed) == listed
 
 
+IMAGE_MULTI = [(32, 32), (48, 48), (64, 64), (32, 56), (56, 32)]
+
+
+@pytest.mark.parametrize(
+    ("native", "expected"),
+    [
+        ((56, 56), [(48, 48), (32, 32)]),  # the nearest first; 64x64 would upscale
+        ((48, 80), [(32, 56)]),  # the only landscape bucket
+        ((16, 16), [(32, 32)]),  # smaller than every bucket: still the nearest
+    ],
+)
+def test_image_all_fitting_writes_every_bucket_at_the_aspect_without_upscaling(native, expected) -> None:
+    height, width = native
+    nearest = buckets.pick_image_bucket(height, width, IMAGE_MULTI)
+    assert buckets.pick_image_buckets(height, width, IMAGE_MULTI, "nearest") == [nearest]
+    assert buckets.pick_image_buckets(height, width, IMAGE_MULTI, "all_fitting") == expected
+    assert buckets.pick_image_buckets(height, width, IMAGE_MULTI, [(32, 32), (56, 32)]) == [(32, 32), (56, 32)]
+
+
 def test_resolutions_must_be_buckets() -> None:
     from imp_platform.config import ConfigError
 
@@ -57,6 +76,8 @@ def test_resolutions_must_be_buckets() -> None:
     with pytest.raises(ConfigError, match=r"video\.resolutions"):
         load_pipeline(None, ["video.resolutions=every"])
     assert load_pipeline(None).video.resolutions == "nearest"
+    with pytest.raises(ConfigError, match=r"image\.resolutions\[0\]=\[8, 8\] is not one of image\.buckets"):
+        load_pipeline(None, ["image.buckets=[[32,32]]", "image.resolutions=[[8,8]]"])
 
 
 def test_duration_policies() -> None:

@@ -117,28 +117,38 @@ def test_decode_object_store_cap_reaches_ray_data(ray_local: None, synth_shards:
 
 def test_shapes_corpus_through_yaml_only(ray_local: None, shapes_corpus: dict[str, Path], tmp_path: Path) -> None:
     """The second corpus (labels by name, caption lists, five containers, soundtrack-only audio) preprocessed
-    with its YAML: every sample kept, labels resolved by name, and what was decoded is what was drawn."""
+    with its YAML: every sample kept, labels resolved by name, what was decoded is what was drawn, and
+    with ``text.max_captions=3`` every caption of a sample (two or three) is stored tokenized."""
     from realworld import CLASSES, PIPELINE_YAML, SAMPLES_PER_SHARD
 
     from imp_platform.data.dataset import iter_captions, train_tokenizer
+    from imp_platform.data.decode import load_tokenizer, tokenize
 
     tokenizer = tmp_path / "tokenizer.json"
     train_tokenizer(iter_captions([str(shapes_corpus["train"])]), vocab_size=200).save(str(tokenizer))
     cfg = load_preprocess_config(PIPELINE_YAML, str(shapes_corpus["train"]), str(tmp_path / "out"),
-                                 [f"text.tokenizer={tokenizer}"])
+                                 [f"text.tokenizer={tokenizer}", "text.max_captions=3"])
     manifest = preprocess(cfg)
     assert manifest["skipped"] == {} and manifest["kept"] == 24 == 3 * SAMPLES_PER_SHARD
     dataset = ProcessedDataset.open(str(tmp_path / "out"))
-    rows, pitch_bins = 0, {name: [] for name in CLASSES}
+    rows, pitch_bins, per_sample = 0, {name: [] for name in CLASSES}, []
+    tok = load_tokenizer(str(tokenizer))
     for info in dataset.buckets:
         for batch in dataset.iter_batches(info.name, batch_size=32):
             for i, meta in enumerate(map(json.loads, batch["meta"])):
                 name = CLASSES[batch["label"][i]]
-                assert len(meta["captions"]) == 2 and name in batch["caption"][i] and meta["source"] == "shapes-test"
+                assert name in batch["caption"][i] and meta["source"] == "shapes-test"
+                ids, mask = batch["captions_ids"][i], batch["captions_mask"][i]
+                per_sample.append(int(mask.any(-1).sum()))
+                assert per_sample[-1] == len(meta["captions"])
+                for k, caption in enumerate(meta["captions"]):
+                    want = tokenize(caption, tok, ids.shape[-1])
+                    assert (ids[k] == want[0]).all() and (mask[k] == want[1]).all()
+                assert (batch["text_ids"][i] == ids[0]).all()
                 assert dominant_colour(batch["video"][i]) == dominant_colour(batch["image"][i]) == name
                 pitch_bins[name].append(int(batch["audio_mel"][i].mean(axis=0).argmax()))
                 rows += 1
-    assert rows == 24
+    assert rows == 24 and sorted(set(per_sample)) == [2, 3]
     lowest, highest = [min(pitch_bins[n]) for n in CLASSES], [max(pitch_bins[n]) for n in CLASSES]
     assert all(h < lo for h, lo in zip(highest, lowest[1:], strict=False)), pitch_bins  # each colour's tone, in pitch order
 
@@ -153,14 +163,14 @@ def dominant_colour(pixels: np.ndarray) -> str:
 
 
 
-def _video_buckets_by_key(out: Path) -> dict[str, list[list[int]]]:
-    """Each key's stored video shapes, one per row it has in any bucket."""
+def _buckets_by_key(out: Path, column: str = "video") -> dict[str, list[list[int]]]:
+    """Each key's stored ``column`` shapes, one per row it has in any bucket."""
     dataset = ProcessedDataset.open(str(out))
     shapes: dict[str, list[list[int]]] = {}
     for info in dataset.buckets:
         for batch in dataset.iter_batches(info.name, 64, ["key"]):
             for key in batch["key"]:
-                shapes.setdefault(str(key), []).append(info.shape["video"])
+                shapes.setdefault(str(key), []).append(info.shape[column])
     return shapes
 
 
@@ -182,9 +192,42 @@ def test_all_fitting_writes_each_sample_at_several_resolutions(ray_local: None, 
                                            info.fps, cfg.bucket_policy.duration, cfg.video.resolutions)
                 expected[member.name.split(".", 1)[0]] = sorted([t, h, w, 3] for t, h, w in sizes)
     manifest = preprocess(cfg)
-    stored = {key: sorted(shapes) for key, shapes in _video_buckets_by_key(tmp_path / "out").items()}
+    stored = {key: sorted(shapes) for key, shapes in _buckets_by_key(tmp_path / "out").items()}
     assert stored == expected
     assert max(len(v) for v in stored.values()) >= 3  # square clips: 48x48, 32x32 and 4-frame 32x32
     assert manifest["skipped"] == {} and manifest["total_read"] == manifest["kept"] == len(expected) == 40
     rows = sum(len(v) for v in expected.values())
     assert manifest["rows_written"] == sum(b["count"] for b in manifest["buckets"]) == rows > manifest["kept"]
+
+
+def test_image_all_fitting_writes_each_image_at_several_resolutions(ray_local: None, shapes_corpus: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    """``image.resolutions: all_fitting`` (image-only, shapes corpus): every image lands in each bucket
+    its native size allows, the same picture at each, and the manifest counts samples and rows apart."""
+    from realworld import IMAGE_EXTS, PIPELINE_YAML
+
+    from imp_platform.data.buckets import pick_image_buckets
+    from imp_platform.data.decode import probe_image
+
+    cfg = load_preprocess_config(PIPELINE_YAML, str(shapes_corpus["test"]), str(tmp_path / "out"), [
+        "modalities.enabled=[image]", "modalities.required=[image]", "image.resolutions=all_fitting",
+        "image.buckets=[[16,16],[32,32],[48,48],[32,56],[56,32]]"])
+    expected: dict[str, list[list[int]]] = {}
+    for shard in shapes_corpus["test"].glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            for member in (m for m in tar.getmembers() if m.name.rsplit(".", 1)[-1] in IMAGE_EXTS):
+                size = probe_image(tar.extractfile(member).read())
+                sizes = pick_image_buckets(*size, cfg.image.buckets, cfg.image.resolutions)
+                expected[member.name.split(".", 1)[0]] = sorted([h, w, 3] for h, w in sizes)
+    manifest = preprocess(cfg)
+    stored = {key: sorted(shapes) for key, shapes in _buckets_by_key(tmp_path / "out", "image").items()}
+    assert stored == expected
+    assert max(len(v) for v in stored.values()) == 3  # 48x48 images: 48, 32 and 16 square
+    assert manifest["skipped"] == {} and manifest["kept"] == len(expected) == 16
+    assert manifest["rows_written"] == sum(len(v) for v in expected.values()) > manifest["kept"]
+    dataset, colours = ProcessedDataset.open(str(tmp_path / "out")), {}
+    for info in dataset.buckets:
+        for batch in dataset.iter_batches(info.name, 64, ["key", "image"]):
+            for key, pixels in zip(batch["key"], batch["image"], strict=True):
+                colours.setdefault(str(key), set()).add(dominant_colour(pixels))
+    assert all(len(c) == 1 for c in colours.values())  # one picture at every resolution

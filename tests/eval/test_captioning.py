@@ -23,6 +23,23 @@ def test_caption_metrics_match_hand_counts() -> None:
     assert metrics["caption_exact_match"] == pytest.approx(1 / 3)  # case and spacing ignored
     assert metrics["caption_label_word_accuracy"] == pytest.approx(1 / 2)  # unlabelled row c not counted
     assert "caption_label_word_accuracy" not in caption_metrics(rows, classes=None)
+    assert 0 < metrics["caption_bleu4"] < 1
+
+
+def test_bleu4_matches_a_hand_computation() -> None:
+    import math
+
+    from imp_platform.eval.captioning import bleu4
+
+    # 1-4-gram hits / counts 4/5, 3/4, 2/3, 1/2; equal lengths, so no brevity penalty
+    expected = (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
+    assert bleu4([("the digit one moves left", "the digit one moves up")]) == pytest.approx(expected)
+    # corpus level: counts summed over both pairs (7/8, 5/6, 3/4, 1/2); 8 generated words against 10
+    pairs = [("the digit one moves left", "the digit one moves up"), ("The digit one", "the digit one moves up")]
+    assert bleu4(pairs) == pytest.approx(math.exp(1 - 10 / 8) * (7 / 8 * 5 / 6 * 3 / 4 * 1 / 2) ** 0.25)
+    assert bleu4([("a b c d", "a b c d")]) == pytest.approx(1.0)
+    assert bleu4([("one two three", "one two three")]) == 0.0  # no 4-gram at all: no smoothing
+    assert bleu4([]) == 0.0
 
 
 class InMemory:

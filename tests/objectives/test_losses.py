@@ -76,3 +76,44 @@ def test_classification_loss_matches_formula_and_skips_unlabelled() -> None:
 def test_gather_without_process_group_is_identity() -> None:
     x = torch.randn(3, 4)
     assert gather_with_grad(x) is x
+
+
+def test_mil_nce_task_takes_every_stored_caption_as_a_positive() -> None:
+    """A bucket with several captions per sample: run_task's MIL-NCE encodes each real caption
+    (never a padding slot) and pools them as positives of their clip."""
+    import numpy as np
+
+    from imp_platform.config.train import PretrainConfig
+    from imp_platform.model import build_model
+    from imp_platform.train.tasks import resolve_model_config, run_task, tokens_per_sample
+
+    cfg = PretrainConfig(tasks={"vt": {"modalities": ["video", "text"], "objectives": [{"kind": "mil_nce"}]}})
+    torch.manual_seed(0)
+    model = build_model(resolve_model_config(cfg)).eval()
+    rng = np.random.default_rng(0)
+    counts = [3, 1, 2]
+    ids = rng.integers(2, 30, (3, 3, 6)).astype(np.int32)
+    mask = (np.arange(6)[None, None] < 4) & (np.arange(3)[None, :, None] < np.array(counts)[:, None, None])
+    batch = {"video": rng.integers(0, 255, (3, 4, 16, 16, 3), dtype=np.uint8), "text_ids": ids[:, 0] * mask[:, 0],
+             "text_mask": mask[:, 0], "captions_ids": ids * mask, "captions_mask": mask}
+    with torch.no_grad():
+        got = run_task(model, "vt", cfg.tasks["vt"], batch, torch.device("cpu")).parts["mil_nce"]
+        video = model.project(model.encode("video", torch.as_tensor(batch["video"]).float() / 255).pooled, "video", "text")
+        texts = torch.zeros(3, 3, video.shape[-1])
+        for row, n in enumerate(counts):
+            for k in range(n):
+                out = model.encode("text", torch.as_tensor(ids[row, k:k + 1] * mask[row, k:k + 1]).long(),
+                                   mask=torch.as_tensor(mask[row, k:k + 1]))
+                texts[row, k] = model.project(out.pooled, "text", "video")[0]
+        want = mil_nce_loss(video, texts, model.temperature("video", "text"), mask=torch.as_tensor(mask.any(-1)))
+        assert got.item() == pytest.approx(want.item(), rel=1e-4)
+        batch["captions_ids"] = np.where(mask, batch["captions_ids"], 29)  # junk under the padding changes nothing
+        assert run_task(model, "vt", cfg.tasks["vt"], batch, torch.device("cpu")).parts["mil_nce"].item() == pytest.approx(
+            got.item(), rel=1e-5)
+        single = run_task(model, "vt", cfg.tasks["vt"], {k: v for k, v in batch.items() if not k.startswith("captions")},
+                          torch.device("cpu")).parts["mil_nce"]
+        assert single.item() != pytest.approx(got.item(), rel=1e-3)  # one caption only: a different loss
+    shapes = {"video": [4, 16, 16, 3], "text_ids": [6]}  # the token budget counts every caption MIL-NCE encodes
+    extra = tokens_per_sample(model, cfg.tasks["vt"], {**shapes, "captions_ids": [3, 6]}) - tokens_per_sample(
+        model, cfg.tasks["vt"], shapes)
+    assert extra == 2 * model.num_tokens("text", (6,)) > 0

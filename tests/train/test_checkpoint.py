@@ -89,6 +89,43 @@ def test_a_half_written_checkpoint_is_refused(saved: Path, tmp_path: Path, damag
         ckpt.open_for_resume(directory)
 
 
+# Ray Train's upload of a checkpoint (storage.persist_current_checkpoint's pyarrow copy), in a process
+# whose file-size limit the kernel enforces with SIGXFSZ: it dies in the middle of the largest file.
+_UPLOAD = """
+import resource, signal, sys
+import pyarrow.fs
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it by default; a real kill instead
+limit = int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+pyarrow.fs.copy_files(sys.argv[1], sys.argv[2], chunk_size=64 * 1024 * 1024)
+"""
+
+
+def test_an_upload_killed_mid_file_is_refused_and_the_previous_checkpoint_still_opens(saved: Path,
+                                                                                      tmp_path: Path) -> None:
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    previous = Path(shutil.copytree(saved, run / "checkpoint_0000008"))
+    largest = max(saved.iterdir(), key=lambda p: p.stat().st_size)
+    limit = largest.stat().st_size // 2
+    assert sorted(p.stat().st_size for p in saved.iterdir())[-2] < limit, "only the largest file may hit the limit"
+    killed = run / "checkpoint_0000012"
+    killed.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _UPLOAD, str(saved), str(killed), str(limit)],
+                          capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGXFSZ, proc.stderr.decode()[-2000:]
+    assert (killed / largest.name).stat().st_size <= limit  # cut short mid-file
+    for load in (ckpt.open_for_resume, ckpt.load_model):  # resume; eval, inference and model.init_from
+        with pytest.raises(ckpt.CheckpointError, match="refusing it"):
+            load(killed)
+    state, ranks = ckpt.open_for_resume(previous)
+    assert state["step"] == 3 and len(ranks) == 2
+
+
 def test_rng_states_round_trip_through_json() -> None:
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     state = json.loads(json.dumps(ckpt.rng_state()))

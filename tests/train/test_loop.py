@@ -1,5 +1,6 @@
 """Real Ray Train V2 runs (2 gloo workers): learning, identical grads, a killed worker, bit-for-bit
-resume, checkpoint interval, a NaN batch skipped on every rank, no credentials at rest, eval."""
+resume, checkpoint interval, a checkpoint on SIGTERM, a NaN batch skipped on every rank, no
+credentials at rest, eval."""
 
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().split("\n")[:-1] if path.exists() else []
 
 
-def _fit_and_kill_rank1_after(cfg, step: int):
-    """Fit in a thread; SIGKILL rank 1 once the controller has registered the ``step`` checkpoint
-    and rank 1 has run a step past it (so some steps run twice: before the kill and after the resume)."""
+def _fit_and_kill_rank1_after(cfg, step: int, sig: int = signal.SIGKILL):
+    """Fit in a thread; send ``sig`` to rank 1's latest process once the controller has registered the
+    ``step`` checkpoint and rank 1 has run a step past it (after a SIGKILL, some steps run twice:
+    before the kill and after the resume)."""
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("result", _fit(cfg)))
     thread.start()
@@ -54,7 +56,7 @@ def _fit_and_kill_rank1_after(cfg, step: int):
     while time.monotonic() < deadline and not ready():
         time.sleep(0.1)
     assert ready(), "no registered checkpoint before the deadline"
-    os.kill(int(_lines(debug / "rank1-pids")[0]), signal.SIGKILL)
+    os.kill(int(_lines(debug / "rank1-pids")[-1]), sig)
     thread.join(timeout=600)
     return outcome["result"]
 
@@ -147,17 +149,22 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume(ray_local, tiny_ov
     cls = [row["loss/audio_cls"] for row in history if "loss/audio_cls" in row]
     half = len(cls) // 2
     assert sum(cls[half:]) / (len(cls) - half) < sum(cls[:half]) / half, cls
-    # A rerun with the same storage_path + name resumes at step 16 and continues to 20; one more has
-    # nothing left to do and leaves the registered checkpoint as it was.
-    more = _fit(_cfg(tiny_overrides, "run.steps=20", "run.eval_every=4", *rr))
-    assert more.metrics["step"] == 20
-    final = run_dir / "checkpoint_0000020"
+    # A rerun with the same storage_path + name resumes at step 16 and continues to 24. Rank 1 gets
+    # SIGTERM (a preemption) after step 17: every rank checkpoints the same next step boundary and
+    # stops; Ray Train restarts them from that checkpoint. One more run has nothing left to do and
+    # leaves the registered checkpoint as it was.
+    more = _fit_and_kill_rank1_after(_cfg(tiny_overrides, "run.steps=24", "run.eval_every=4", *rr), 16,
+                                     signal.SIGTERM)
+    assert more.error is None and more.metrics["step"] == 24
+    preempted = _lines(debug / "rank0-preempted")
+    assert len(preempted) == 1 and _lines(debug / "rank1-preempted") == preempted and 17 < int(preempted[0]) < 24
+    final = run_dir / "checkpoint_0000024"
     written = {p.name: p.stat().st_mtime_ns for p in final.iterdir()}
-    again = _fit(_cfg(tiny_overrides, "run.steps=20", "run.eval_every=4", *rr))
-    assert again.metrics["step"] == 20 and Path(again.checkpoint.path).name == final.name
+    again = _fit(_cfg(tiny_overrides, "run.steps=24", "run.eval_every=4", *rr))
+    assert again.metrics["step"] == 24 and Path(again.checkpoint.path).name == final.name
     assert {p.name: p.stat().st_mtime_ns for p in final.iterdir()} == written
-    assert _lines(debug / "rank0-starts")[2:] == ["16", "20"]
-    assert sorted(_grads_by_step(debug / "rank0-grads")) == list(range(20))
+    assert _lines(debug / "rank0-starts")[2:] == ["16", preempted[0], "24"]
+    assert sorted(_grads_by_step(debug / "rank0-grads")) == list(range(24))
     # The keys given in storage_options are in no file the runs wrote.
     for path in [p for p in run_dir.rglob("*") if p.is_file()]:
         data = path.read_bytes()

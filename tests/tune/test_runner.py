@@ -15,7 +15,8 @@ def sweep_with(make_sweep, **fields):
 def test_asha_rungs_are_counted_in_reports(make_sweep):
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
-    from imp_platform.tune.runner import build_scheduler, num_reports
+    from imp_platform.tune.runner import build_scheduler
+    from imp_platform.tune.trial import num_reports
 
     sweep, base = sweep_with(make_sweep, steps=12, scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 3})
     assert num_reports(sweep, base) == 3  # steps 5, 10 and the last step 12
@@ -43,6 +44,20 @@ def test_pbt_mutates_the_swept_keys_and_fifo_is_plain(make_sweep):
     assert isinstance(pbt, PopulationBasedTraining) and set(pbt._hyperparam_mutations) == {"optim.lr"}
     sweep, base = sweep_with(make_sweep, steps=10, scheduler={"name": "fifo"})
     assert isinstance(build_scheduler(sweep, base), FIFOScheduler)
+
+
+def test_pbt_perturbs_all_but_the_model_shape_and_takes_no_searcher(make_sweep):
+    from imp_platform.tune.runner import build_scheduler
+
+    space = {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "model.moe.num_experts": {"choice": [2, 4]}}
+    sweep, base = load_sweep(make_sweep(space, steps=10, scheduler={"name": "pbt"}))
+    assert set(build_scheduler(sweep, base)._hyperparam_mutations) == {"optim.lr"}  # experts: from the donor
+    sweep, base = load_sweep(make_sweep({"model.moe.num_experts": {"choice": [2, 4]}}, steps=10,
+                                        scheduler={"name": "pbt"}))
+    with pytest.raises(ConfigError, match=r"every swept key \(model.moe.num_experts\) is a model.\* key"):
+        build_scheduler(sweep, base)
+    with pytest.raises(ConfigError, match="pbt samples its population itself"):
+        load_sweep(make_sweep(space, steps=10, scheduler={"name": "pbt"}, search={"name": "optuna"}))
 
 
 def test_searchers(make_sweep):

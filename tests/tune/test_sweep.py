@@ -59,7 +59,7 @@ def at_step(row: TrialRow, step: int) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_shipped_mixing_sweep_realises_the_sampled_mix(ray_local, tiny_overrides, tmp_path):
+def test_shipped_mixing_sweep_realises_the_sampled_mix(fresh_ray, tiny_overrides, tmp_path):
     from imp_platform.train.trainer import build_trainer
     from imp_platform.tune.runner import run_sweep
 

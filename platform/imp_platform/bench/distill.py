@@ -3,9 +3,13 @@ same student trained on labels alone at equal steps (the egocentric multimodal-d
 result, at small scale on moving digits): held-out top-1 and ECE of the student's head.
 
 One CoMD round (``train.comd``) on the embedded config: the teacher trains video and audio
-classification (one head each; its fused logits average the two), the student video
-classification with the ``distill`` objective; then the same student task without the teacher,
-same seed and steps. Ratios are distilled over alone, measured in the same run.
+classification on every label (one head each; its fused logits average the two), the student
+video classification with the ``distill`` objective; then the same student task without the
+teacher, same seed and steps. The student sees the labels of only ``STUDENT_LABELLED`` of the
+clips (the same clips in both runs): the teacher, trained with more labels and a modality the
+student lacks, is what carries the rest. (With every label, the fused teacher is a near one-hot
+copy of it, since the DTMF tone names the digit, and adds nothing.) Ratios are distilled over
+alone, measured in the same run.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ TEACHER_TASKS: dict[str, Any] = {
     "video_cls": {"modalities": ["video"], "objectives": [{"kind": "classification"}], "token_budget": 2048},
     "audio_cls": {"modalities": ["audio_mel"], "objectives": [{"kind": "classification"}], "token_budget": 1024},
 }
-STUDENT_TASKS: dict[str, Any] = {"video_cls": TEACHER_TASKS["video_cls"]}
+STUDENT_LABELLED = 0.1  # share of the training clips whose label the student sees
+STUDENT_TASKS: dict[str, Any] = {"video_cls": {**TEACHER_TASKS["video_cls"], "labelled_fraction": STUDENT_LABELLED}}
 
 
 def bench_config(storage: str, teacher_steps: int, student_steps: int, extra: list[str]) -> DistillConfig:
@@ -90,9 +95,23 @@ def run(quick: bool, out: Path, teacher_steps: int | None = None, student_steps:
         "top1_distilled_over_alone": _ratio(students["distilled"]["top1"], students["alone"]["top1"]),
         "ece_distilled_over_alone": _ratio(students["distilled"]["ece"], students["alone"]["ece"]),
         "wall_distilled_over_alone": _ratio(students["distilled"]["wall_s"], students["alone"]["wall_s"]),
+        "student_labelled_fraction": STUDENT_LABELLED,
     }
+    summary["distillation_wins"] = wins(summary)
+    summary["temperature"] = dc.temperature
     print(table(teacher, students))
+    print(f"student labels: {STUDENT_LABELLED:.0%} of the clips; distillation wins (higher top-1, lower ECE): "
+          f"{summary['distillation_wins']}")
     return write_results(out, "distill", {"quick": quick, **summary, "teacher": teacher, "students": students})
+
+
+def wins(summary: dict[str, Any]) -> bool:
+    """The demonstration's claim: the distilled student has the higher top-1 and the lower ECE."""
+    keys = ("student_top1_distilled", "student_top1_alone", "student_ece_distilled", "student_ece_alone")
+    if any(summary.get(k) is None for k in keys):
+        return False
+    return (summary["student_top1_distilled"] > summary["student_top1_alone"]
+            and summary["student_ece_distilled"] < summary["student_ece_alone"])
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

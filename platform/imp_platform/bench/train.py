@@ -7,6 +7,9 @@ Each arm is a real Ray Train run of the embedded config; we report training toke
 whole run), wall time and held-out zero-shot accuracy, with ratios against the AGD+MoE arm, and
 each worker's memory: ``worker_pss_growth`` is the worst worker's PSS at the end of the run over
 its PSS at 10% of the run (the loop logs every rank's PSS with each metrics row).
+
+``cpu_mfu`` (bench/mfu.py): the demo recipe's training FLOP/s, counted from the model's shapes,
+over fp32 GEMM FLOP/s at the same thread count, for the tiny (demo) and small presets.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ ARMS: dict[str, list[str]] = {
     "mixed_moe": ["agd.mode=mixed", "model.moe=true"],
     "agd_dense": ["agd.mode=random", "model.moe=false"],
 }
+MFU_PRESETS = ("tiny", "small")
 KEYS = ("zeroshot_video_top1", "zeroshot_audio_top1", "zeroshot_image_top1", "retrieval_video_text_r1", "val_loss")
 
 
@@ -79,7 +83,34 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
     print(table(arms))
     growth = max((a["worker_pss_growth"] for a in arms.values() if "worker_pss_growth" in a), default=None)
     print(f"worker PSS growth (worst worker, final / 10% of the run): {growth}")
-    return write_results(out, "train", {"quick": quick, "arms": arms, "ratios": ratios, "worker_pss_growth": growth})
+    mfu = cpu_mfu(steps=1 if quick else 3)
+    return write_results(out, "train", {"quick": quick, "arms": arms, "ratios": ratios, "worker_pss_growth": growth,
+                                        "cpu_mfu": mfu})
+
+
+def cpu_mfu(steps: int, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The demo recipe's step MFU per preset, on its threads per worker (its data must be processed).
+
+    ``two_threads_speedup`` (demo preset): its step on twice the threads against on its own, the
+    lever "one worker with 2 intra-op threads vs two 1-thread workers": below ~1.9 (two workers
+    pay an all-reduce of the grads per step), the two workers train faster.
+    """
+    from imp_platform.bench.mfu import step_mfu
+    from imp_platform.config.train import load_pretrain_config
+    from imp_platform.train.loop import worker_threads
+
+    out: dict[str, Any] = {}
+    for preset in MFU_PRESETS:
+        cfg = load_pretrain_config(None, [*(overrides or []), f"model.preset={preset}"])
+        mfu = out[preset] = step_mfu(cfg, worker_threads(cfg), steps)
+        print(f"cpu_mfu {preset}: {mfu['cpu_mfu']:.3f} ({mfu['train_gflops_per_s']:.1f} training GFLOP/s "
+              f"over {mfu['gemm_gflops_per_s']:.1f} GEMM GFLOP/s on {mfu['threads']} thread(s))")
+    demo = load_pretrain_config(None, overrides or [])
+    doubled = step_mfu(demo, 2 * worker_threads(demo), steps)
+    out["two_threads_speedup"] = _ratio(doubled["train_gflops_per_s"], out[MFU_PRESETS[0]]["train_gflops_per_s"])
+    print(f"{MFU_PRESETS[0]} step on {doubled['threads']} threads vs {worker_threads(demo)}: "
+          f"{out['two_threads_speedup']}x")
+    return out
 
 
 def worker_memory(history: list[dict[str, Any]], steps: int) -> dict[str, Any]:

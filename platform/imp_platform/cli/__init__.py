@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from imp_platform.cli import bench, caption, cluster, data, distill, infer, model, train, tune
+from imp_platform.cli import bench, caption, cluster, data, distill, infer, model, selftrain, train, tune
 
 app = typer.Typer(
     name="platform",
@@ -25,6 +25,7 @@ tune.register(app)
 infer.register(app)
 caption.register(app)
 distill.register(app)
+selftrain.register(app)
 
 
 def main() -> None:

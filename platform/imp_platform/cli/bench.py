@@ -86,3 +86,15 @@ def scale(quick: QuickOpt = False, out: OutOpt = Path("runs/bench/scale.json")) 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     result = run(quick, out)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+
+
+@app.command("selftrain")
+def selftrain(quick: QuickOpt = False, out: OutOpt = Path("runs/bench/selftrain.json")) -> None:
+    """Video-STaR on moving digits, 10% labelled: kept fraction, kept-label and held-out accuracy per round."""
+    import logging
+
+    from imp_platform.bench.selftrain import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    run(quick, out)
+    typer.echo(f"wrote {out} and {out.with_suffix('.png')}")

@@ -112,15 +112,20 @@ class VideoConfig(StrictModel):
 
     @model_validator(mode="after")
     def _resolutions_are_buckets(self) -> VideoConfig:
-        if isinstance(self.resolutions, list):
-            if not self.resolutions:
-                raise ValueError("video.resolutions: an empty list writes no video; use nearest")
-            for i, size in enumerate(self.resolutions):
-                if size not in self.buckets:
-                    raise ValueError(f"video.resolutions[{i}]={list(size)} is not one of video.buckets")
-            if len(set(self.resolutions)) != len(self.resolutions):
-                raise ValueError(f"video.resolutions has duplicates: {self.resolutions}")
+        _check_resolutions(self.resolutions, self.buckets, "video")
         return self
+
+
+def _check_resolutions(resolutions: str | list[tuple[int, ...]], buckets: list[tuple[int, ...]], section: str) -> None:
+    """A ``resolutions`` list must name distinct buckets of its section, at least one."""
+    if isinstance(resolutions, list):
+        if not resolutions:
+            raise ValueError(f"{section}.resolutions: an empty list writes no {section}; use nearest")
+        for i, size in enumerate(resolutions):
+            if size not in buckets:
+                raise ValueError(f"{section}.resolutions[{i}]={list(size)} is not one of {section}.buckets")
+        if len(set(resolutions)) != len(resolutions):
+            raise ValueError(f"{section}.resolutions has duplicates: {resolutions}")
 
 
 class AudioConfig(StrictModel):
@@ -151,11 +156,17 @@ class AudioConfig(StrictModel):
 
 
 class TextConfig(StrictModel):
-    """Caption tokenisation; ``tokenizer`` None means ``tokenizer.json`` beside the shards or one level up."""
+    """Caption tokenisation; ``tokenizer`` None means ``tokenizer.json`` beside the shards or one level up.
+
+    ``max_captions`` > 1 keeps up to that many of a sample's captions (a json ``caption`` list) as
+    the ``captions_ids`` / ``captions_mask`` [K, L] columns: MIL-NCE's positives, and the pool NCE
+    draws one caption from per step. ``text_ids`` stays the first caption.
+    """
 
     tokenizer: str | None = None
     caption_key: str = "caption"
     length_buckets: list[int] = Field(default_factory=lambda: [16], min_length=1)
+    max_captions: int = Field(1, ge=1)
 
     @field_validator("length_buckets")
     @classmethod
@@ -169,9 +180,15 @@ class TextConfig(StrictModel):
 
 
 class ImageConfig(StrictModel):
-    """Still-image (H, W) buckets; images are resized to the bucket nearest in aspect ratio."""
+    """Still-image (H, W) buckets; images are resized to the bucket nearest in aspect ratio.
+
+    ``resolutions`` writes one image into several buckets, as ``video.resolutions`` does for clips:
+    ``nearest``, ``all_fitting`` (every bucket at the nearest aspect ratio not above the native
+    area, and at least the nearest) or a list of buckets.
+    """
 
     buckets: list[tuple[int, int]] = Field(min_length=1)
+    resolutions: Literal["nearest", "all_fitting"] | list[tuple[int, int]] = "nearest"
 
     @field_validator("buckets")
     @classmethod
@@ -179,6 +196,11 @@ class ImageConfig(StrictModel):
         for i, bucket in enumerate(value):
             _positive(bucket, f"image.buckets[{i}]")
         return value
+
+    @model_validator(mode="after")
+    def _resolutions_are_buckets(self) -> ImageConfig:
+        _check_resolutions(self.resolutions, self.buckets, "image")
+        return self
 
 
 class BucketPolicyConfig(StrictModel):

@@ -154,6 +154,10 @@ class TaskConfig(StrictModel):
     drop_token: float | dict[Modality, float] = 0.0
     weight: float = Field(1.0, ge=0)
     interval: int | None = Field(None, gt=0)  # round-robin period; None -> 1/weight
+    # Share of the split's samples whose label this task sees (semi-supervised runs): chosen by a
+    # hash of the sample key, so the same samples in every step, run and worker count; the others
+    # train as unlabelled (-1: no CE, a distill objective's KL still counts them).
+    labelled_fraction: float = Field(1.0, gt=0, le=1)
 
     @model_validator(mode="after")
     def _objectives_fit_modalities(self) -> TaskConfig:
@@ -235,6 +239,21 @@ class AGDConfig(StrictModel):
         return stages
 
 
+_TIME_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def interval_seconds(text: str) -> float:
+    """A wall-clock interval such as ``"10m"``, ``"90s"`` or ``"1.5h"`` in seconds (> 0)."""
+    number, unit = text.strip()[:-1], text.strip()[-1:]
+    try:
+        seconds = float(number) * _TIME_UNITS[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"expected a step count or a time such as '10m', '90s' or '1h', got {text!r}") from None
+    if not seconds > 0:
+        raise ValueError(f"a time interval must be > 0, got {text!r}")
+    return seconds
+
+
 class RunConfig(StrictModel):
     name: str = "pretrain"
     storage_path: str = "runs/ray"
@@ -246,7 +265,8 @@ class RunConfig(StrictModel):
     steps: int = Field(400, gt=0)
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, gt=0)  # held-out eval interval (each eval also checkpoints)
-    checkpoint_every: int = Field(50, gt=0)  # checkpoint + report interval in steps, independent of eval
+    # Checkpoint + report interval, independent of eval: steps (200) or wall-clock time ("10m", "90s", "1h").
+    checkpoint_every: int | str = 50
     max_nonfinite_skips: int = Field(10, gt=0)  # consecutive non-finite steps skipped before the run stops
     max_open_streams: int = Field(8, gt=0)  # per worker; the least recently used (task, bucket) stream closes
     keep_checkpoints: int = Field(2, gt=0)
@@ -256,6 +276,26 @@ class RunConfig(StrictModel):
     shuffle_batches: int = Field(2, ge=1)  # rows shuffled together per stream, in batches (memory vs mixing)
     worker_env: dict[str, str] = Field(default_factory=dict)  # env vars of the train workers (e.g. NCCL_*)
     ray_num_cpus: int | None = 4  # logical CPUs for a locally started Ray (more than cores, see REFERENCE)
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _checkpoint_interval(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value <= 0:
+                raise ValueError(f"checkpoint_every: a step count must be > 0, got {value}")
+        else:
+            interval_seconds(value)
+        return value
+
+    @property
+    def checkpoint_steps(self) -> int | None:
+        """The checkpoint interval in steps, or None when it is a wall-clock time."""
+        return self.checkpoint_every if isinstance(self.checkpoint_every, int) else None
+
+    @property
+    def checkpoint_seconds(self) -> float | None:
+        """The checkpoint interval in seconds, or None when it is a step count."""
+        return None if isinstance(self.checkpoint_every, int) else interval_seconds(self.checkpoint_every)
 
 
 class ParallelConfig(StrictModel):
@@ -320,7 +360,7 @@ class PretrainConfig(StrictModel):
                 raise ValueError(f"agd.curriculum stage at {stage.start} names unknown tasks {sorted(unknown)}")
         if self.run.eval_every > self.run.steps:
             self.run.eval_every = self.run.steps
-        if self.run.checkpoint_every > self.run.steps:
+        if self.run.checkpoint_steps and self.run.checkpoint_steps > self.run.steps:
             self.run.checkpoint_every = self.run.steps
         return self
 

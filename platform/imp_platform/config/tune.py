@@ -119,12 +119,18 @@ class FifoScheduler(StrictModel):
 
 
 class PbtScheduler(StrictModel):
-    """Population-based training; mutations are drawn from the same search space."""
+    """Population-based training: every ``perturbation_interval`` reports a trial in the bottom
+    ``quantile_fraction`` restarts from a top trial's checkpoint (weights, optimizer, step) with that
+    trial's values perturbed (x0.8 / x1.2, or resampled from the space with ``resample_probability``).
+    ``model.*`` keys are not perturbed: the checkpoint fixes the model's shapes."""
 
     name: Literal["pbt"] = "pbt"
     perturbation_interval: int = Field(2, gt=0)  # in reports
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)
     resample_probability: float = Field(0.25, ge=0, le=1)
+    # Synchronous: every trial pauses at each perturbation step until all are there, then the
+    # bottom ones exploit; costs a restart per trial per step, but a small population always exploits.
+    synch: bool = False
 
 
 SchedulerConfig = Annotated[Union[AshaScheduler, FifoScheduler, PbtScheduler], Field(discriminator="name")]
@@ -183,6 +189,9 @@ class SweepConfig(StrictModel):
             raise ValueError(f"space.{grids[0]}: grid needs search 'random' ({self.search.name} cannot enumerate grids)")
         if isinstance(self.scheduler, PbtScheduler) and grids:
             raise ValueError(f"space.{grids[0]}: pbt mutates values and cannot use grid; use choice")
+        if isinstance(self.scheduler, PbtScheduler) and self.search.name != "random":
+            raise ValueError(f"search.name: pbt samples its population itself and takes no searcher "
+                             f"({self.search.name!r}); use random")
         return self
 
     @property

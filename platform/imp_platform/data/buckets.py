@@ -96,9 +96,25 @@ def pick_video_buckets(
     if not isinstance(resolutions, str):
         return [tuple(b) for b in resolutions]
     nearest = pick_video_bucket(height, width, duration_s, buckets, fps, policy)
+    return _with_fitting(nearest, height, width, buckets, resolutions)
+
+
+def pick_image_buckets(
+    height: int, width: int, buckets: Sequence[tuple[int, int]], resolutions: str | Sequence[tuple[int, int]] = "nearest"
+) -> list[tuple[int, int]]:
+    """Every (H, W) bucket one image is written into (``image.resolutions``), as ``pick_video_buckets`` for clips."""
+    if not isinstance(resolutions, str):
+        return [tuple(b) for b in resolutions]
+    return _with_fitting(pick_image_bucket(height, width, buckets), height, width, buckets, resolutions)
+
+
+def _with_fitting(nearest: tuple[int, ...], height: int, width: int, buckets: Sequence[tuple[int, ...]],
+                  resolutions: str) -> list[tuple[int, ...]]:
+    """``[nearest]``, or for ``all_fitting`` it first and then every other bucket (its last two dims
+    are H, W) at the nearest aspect ratio whose area is not above the native one."""
     if resolutions == "nearest":
         return [nearest]
-    sizes = [(h, w) for _, h, w in buckets]
+    sizes = [tuple(b[-2:]) for b in buckets]
     fitting = [tuple(buckets[i]) for i in _nearest_aspect(height, width, sizes) if sizes[i][0] * sizes[i][1] <= height * width]
     return [nearest, *(b for b in fitting if b != nearest)]
 

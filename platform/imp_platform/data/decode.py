@@ -21,7 +21,8 @@ header promised more); a container that cannot be opened or yields no frame is
 Label and metadata contract: a json member's ``dataset.label_key`` may be the class index or
 the class name (validated against ``dataset.classes`` when declared; without classes an int
 >= 0 that fits int64 is kept as is); ``caption`` may be a string or a list of strings (the
-first non-empty one is tokenized); every other json field passes through as the JSON string
+first non-empty one is tokenized, and up to ``text.max_captions`` of them as MIL-NCE
+positives: ``data.captions``); every other json field passes through as the JSON string
 column ``meta`` (with ``captions``: the whole list, when the caption was a list).
 """
 
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from imp_platform.config.pipeline import AudioConfig, DatasetConfig, LimitsConfig, PipelineConfig
-from imp_platform.data import buckets
+from imp_platform.data import buckets, captions
 
 # ---------------------------------------------------------------- errors
 
@@ -671,14 +672,19 @@ def probe_image(data: bytes, limits: LimitsConfig | None = None) -> tuple[int, i
 
 def decode_image(data: bytes, size: tuple[int, int], limits: LimitsConfig | None = None) -> np.ndarray:
     """Image bytes -> uint8 [H, W, 3] RGB resized (bilinear) to ``size`` = (H, W)."""
+    return decode_images(data, [size], limits)[0]
+
+
+def decode_images(data: bytes, sizes: list[tuple[int, int]], limits: LimitsConfig | None = None) -> list[np.ndarray]:
+    """Image bytes decoded once -> uint8 [H, W, 3] RGB at each (H, W) of ``sizes`` (bilinear)."""
     from PIL import Image, UnidentifiedImageError
 
     probe_image(data, limits)
-    height, width = size
     try:
         with Image.open(io.BytesIO(data)) as img:
-            rgb = img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8)
+            rgb = img.convert("RGB")
+            return [np.asarray(rgb.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
+                    for height, width in sizes]
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise CorruptImage(f"cannot decode image ({exc})") from None
 
@@ -788,25 +794,34 @@ def _audio(ext: str, data: bytes, cfg: PipelineConfig) -> dict[str, np.ndarray]:
 
 
 def _text(annotation: Annotation, cfg: PipelineConfig, tokenizer: Any) -> dict[str, np.ndarray]:
-    """Tokenize the first non-empty caption into its length bucket; none where text is required is ``empty_caption``."""
-    if not annotation.caption:
+    """Tokenize the first non-empty caption into its length bucket; none where text is required is ``empty_caption``.
+
+    With ``text.max_captions`` K > 1, the first K non-empty captions also become ``captions_ids`` /
+    ``captions_mask`` [K, L], L the length bucket that holds the longest of them (``data.captions``).
+    """
+    kept = [c for c in annotation.captions if c][: cfg.text.max_captions]
+    if not kept:
         if "text" in cfg.modalities.required:
             raise EmptyCaption("every caption is empty")
         return {}
     if tokenizer is None:
         raise ValueError("decode_sample needs a tokenizer when the text modality is enabled")
-    ids, mask = tokenize(annotation.caption, tokenizer, cfg.text.max_tokens)
-    length = buckets.pick_text_length(int(mask.sum()), cfg.text.length_buckets)
-    return {"text_ids": ids[:length], "text_mask": mask[:length]}
+    tokens = [tokenize(c, tokenizer, cfg.text.max_tokens) for c in kept]
+    length = buckets.pick_text_length(max(int(mask.sum()) for _, mask in tokens), cfg.text.length_buckets)
+    tokens = [(ids[:length], mask[:length]) for ids, mask in tokens]
+    row = {"text_ids": tokens[0][0], "text_mask": tokens[0][1]}
+    if cfg.text.max_captions > 1:
+        row[captions.IDS], row[captions.MASK] = captions.pack_captions(tokens, cfg.text.max_captions)
+    return row
 
 
 def decode_sample(sample: Mapping[str, Any], cfg: PipelineConfig, tokenizer: Any = None) -> list[DecodedSample]:
     """Decode every enabled modality of one webdataset sample into one row per bucket it goes to; raises ``DecodeError``.
 
-    One row, unless ``video.resolutions`` writes the clip at several resolutions: then one row
-    per video bucket, the other columns the same in each. A row: key, label (int64, -1 = none),
-    caption (the tokenized one, '' = none), meta (JSON string of the other json fields), and one
-    array per decoded tensor column.
+    One row, unless ``video.resolutions`` / ``image.resolutions`` write the clip or image at
+    several resolutions: then one row per resolution (``_views``), the other columns the same in
+    each. A row: key, label (int64, -1 = none), caption (the tokenized one, '' = none), meta (JSON
+    string of the other json fields), and one array per decoded tensor column.
     """
     key = str(sample.get("__key__", ""))
     check_member_name(key)
@@ -827,11 +842,27 @@ def decode_sample(sample: Mapping[str, Any], cfg: PipelineConfig, tokenizer: Any
     if "audio" in cfg.modalities.enabled and ("audio" in members or audio_from_video):
         candidates = members.get("audio") or [(video.ext, video.data)]
         row.update(first_decodable(candidates, lambda ext, data: _audio(ext, data, cfg)))
+    images: list[np.ndarray] = []
     if "image" in members and "image" in cfg.modalities.enabled:
-        row["image"] = first_decodable(members["image"], lambda ext, data: decode_image(
-            data, buckets.pick_image_bucket(*probe_image(data, cfg.limits), cfg.image.buckets), cfg.limits))
-    rows = [{**row, "video": clip} for clip in video.clips] if video is not None and video.clips else [row]
-    return [_bucketed(key, r) for r in rows]
+        images = first_decodable(members["image"], lambda ext, data: _images(data, cfg))
+    return [_bucketed(key, r) for r in _views(row, video.clips if video is not None else [], images)]
+
+
+def _images(data: bytes, cfg: PipelineConfig) -> list[np.ndarray]:
+    """One image at every bucket ``image.resolutions`` picks for its native size."""
+    sizes = buckets.pick_image_buckets(*probe_image(data, cfg.limits), cfg.image.buckets, cfg.image.resolutions)
+    return decode_images(data, sizes, cfg.limits)
+
+
+def _views(row: dict[str, Any], clips: list[np.ndarray], images: list[np.ndarray]) -> list[dict[str, Any]]:
+    """A sample's rows: row i holds its i-th video and i-th image resolution (the nearest, first,
+    where one modality has fewer), so each resolution is written once without a cross product."""
+    views = [dict(row) for _ in range(max(len(clips), len(images), 1))]
+    for column, arrays in (("video", clips), ("image", images)):
+        for i, view in enumerate(views):
+            if arrays:
+                view[column] = arrays[i] if i < len(arrays) else arrays[0]
+    return views
 
 
 def _bucketed(key: str, row: dict[str, Any]) -> DecodedSample:

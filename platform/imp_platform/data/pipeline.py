@@ -27,7 +27,8 @@ from imp_platform.config import ConfigError
 from imp_platform.config.pipeline import PipelineConfig, load_pipeline
 from imp_platform.data import manifest as manifest_io
 from imp_platform.data import tars
-from imp_platform.data.buckets import tokens_per_sample
+from imp_platform.data.buckets import TOKEN_COLUMNS, tokens_per_sample
+from imp_platform.data.captions import CAPTION_COLUMNS, IDS, MASK
 from imp_platform.data.decode import DecodedSample, DecodeError, decode_sample, load_tokenizer, time_limit
 from imp_platform.data.sources import ShardListing, absolute, filesystem, join, list_shards
 from imp_platform.data.tars import RawSample
@@ -45,7 +46,7 @@ ROW_GROUP_ROWS = 128
 TOKENIZER_NAME = "tokenizer.json"
 
 
-TENSOR_COLUMNS = ("video", "image", "audio_mel", "audio_wave", "text_ids", "text_mask")
+TENSOR_COLUMNS = ("video", "image", "audio_mel", "audio_wave", "text_ids", "text_mask", *CAPTION_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,10 @@ def bucket_layouts(cfg: PipelineConfig) -> dict[str, dict[str, tuple[str, list[i
             for s in audio.clip_seconds
         ])
     if "text" in enabled:
-        choices.append([{"text_ids": ("int32", [n]), "text_mask": ("bool", [n])} for n in cfg.text.length_buckets])
+        k = cfg.text.max_captions
+        several = lambda n: {IDS: ("int32", [k, n]), MASK: ("bool", [k, n])} if k > 1 else {}  # noqa: E731
+        choices.append([{"text_ids": ("int32", [n]), "text_mask": ("bool", [n]), **several(n)}
+                        for n in cfg.text.length_buckets])
     modality_of = {"video": "video", "image": "image", "audio_mel": "audio", "text_ids": "text"}
     for options in choices:
         if modality_of[next(c for c in options[0] if c in modality_of)] not in required:
@@ -196,7 +200,7 @@ def bucket_layouts(cfg: PipelineConfig) -> dict[str, dict[str, tuple[str, list[i
     for combo in itertools.product(*choices):
         layout = {c: spec for part in combo for c, spec in part.items()}
         if layout:
-            layouts[bucket_name({c: shape for c, (_, shape) in layout.items() if c != "text_mask"})] = layout
+            layouts[bucket_name({c: shape for c, (_, shape) in layout.items() if c in TOKEN_COLUMNS})] = layout
     return layouts
 
 

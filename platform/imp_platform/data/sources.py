@@ -115,8 +115,28 @@ def _expand(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
     if not fs.exists(path):
         raise FileNotFoundError(f"source path not found: {path!r}")
     if fs.isdir(path):
-        return [info for _, info in sorted(fs.find(path, detail=True).items()) if info["type"] == "file"]
+        return [info for _, info in sorted(fs.find(path, detail=True).items()) if info["type"] != "directory"]
     return [fs.info(path)]
+
+
+def _followed(fs: fsspec.AbstractFileSystem, info: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """A listed entry as the file to read, or the skip kind of one that is not a regular file.
+
+    fsspec lists a symlink as type ``other`` without following it: a link to a file is read
+    (with the target's size); a dangling link, a link to a folder (not followed: cycles) and
+    anything else that is not a regular file (fifo, socket, device) are counted by kind.
+    """
+    if info["type"] == "file":
+        return info, None
+    if not info.get("islink"):
+        return info, "not_regular_file"
+    try:
+        target = fs.info(info["name"])  # follows the link
+    except FileNotFoundError:
+        return info, "broken_symlink"
+    if target["type"] == "directory":
+        return info, "symlinked_dir"
+    return ({**target, "name": info["name"]}, None) if target["type"] == "file" else (info, "not_regular_file")
 
 
 def list_shards(paths: list[str] | str, storage_options: dict[str, Any] | None = None) -> ShardListing:
@@ -128,9 +148,10 @@ def list_shards(paths: list[str] | str, storage_options: dict[str, Any] | None =
     listing = ShardListing()
     for source in [paths] if isinstance(paths, str) else paths:
         fs, path = filesystem(source, storage_options)
-        for info in _expand(fs, path):
+        for entry in _expand(fs, path):
+            info, kind = _followed(fs, entry)
             name = info["name"]
-            kind = _probe(fs, name, int(info.get("size") or 0))
+            kind = kind or _probe(fs, name, int(info.get("size") or 0))
             if kind:
                 log.warning("skipping %s: %s", name, kind)
                 listing.skip(kind, full_url(fs, name))

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from imp_platform.data import manifest as manifest_io
 from imp_platform.data.buckets import TOKEN_COLUMNS, bucket_name
+from imp_platform.data.captions import CAPTION_COLUMNS, draw_captions, with_caption_columns
 from imp_platform.data.sources import filesystem, join
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 STATE_VERSION = 2  # 2: ``carry`` (an epoch finished for a run of another world size)
+CAPTION_DRAW = 1  # stream of the per-step caption draw, apart from the row order's
 
 
 @dataclass(frozen=True)
@@ -373,6 +375,7 @@ class BucketStream:
         return self
 
     def __next__(self) -> Batch:
+        draw = np.random.default_rng([self.seed, self.epoch, self.rank, self.offset, CAPTION_DRAW])
         parts: list[Batch] = []
         need = self.batch_size
         while need:
@@ -387,7 +390,8 @@ class BucketStream:
             self.offset += take
             if self.offset >= plan[-1].start + plan[-1].rows:
                 self.epoch, self.offset, self._carry = self.epoch + 1, 0, None
-        return _concat(parts)
+        batch = _concat(parts)
+        return draw_captions(batch, draw) if all(c in batch for c in CAPTION_COLUMNS) and "text_ids" in batch else batch
 
     def close(self) -> None:
         """Stop the prefetch thread and close the open parquet files (a closed stream can be reopened from its state)."""
@@ -427,9 +431,10 @@ class ProcessedDataset:
         groups: dict[tuple, list[BucketInfo]] = {}
         for info in self.buckets:
             if info.count and all(c in info.columns for c in columns) and (buckets is None or info.name in buckets):
-                key = tuple((info.columns[c]["dtype"], tuple(info.columns[c]["shape"])) for c in columns)
+                wanted = with_caption_columns(columns, info.columns)  # several captions travel with text_ids
+                key = tuple((c, info.columns[c]["dtype"], tuple(info.columns[c]["shape"])) for c in wanted)
                 groups.setdefault(key, []).append(info)
-        return [BucketInfo.merge(parts, columns) for parts in groups.values()]
+        return [BucketInfo.merge(parts, [c for c, _, _ in key]) for key, parts in groups.items()]
 
     def _reader(self, bucket: str | BucketInfo, columns: Sequence[str] | None) -> _RowGroupReader:
         info = self.bucket(bucket)
@@ -452,8 +457,12 @@ class ProcessedDataset:
         """Endless seeded batches of ``bucket`` for ``rank`` (disjoint rows across ranks per epoch).
 
         ``shuffle_window`` (rows shuffled together; default 4 batches) trades memory for mixing.
+        A bucket with several captions per sample also yields them, and ``text_ids`` is one drawn
+        per row and step (``data.captions``).
         """
         window = shuffle_window or 4 * batch_size
+        if columns:
+            columns = with_caption_columns(columns, self.bucket(bucket).columns)
         return BucketStream(self._reader(bucket, columns), batch_size, rank, world_size, seed, window)
 
     def iter_batches(

@@ -230,7 +230,8 @@ def _make_sample_args(args: tuple[int, str, int]) -> dict[str, bytes]:
     return make_sample(*args)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """A regular member with fixed mtime and mode, so equal samples give byte-identical shards."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
     tar.addfile(info, io.BytesIO(data))
@@ -272,7 +273,7 @@ def write_dataset(
             with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
                 for _ in range(bounds[shard], bounds[shard + 1]):
                     for name, data in next(results).items():
-                        _add_member(tar, name, data)
+                        add_member(tar, name, data)
             paths.append(path)
             log.info("wrote %s (%d samples)", path, bounds[shard + 1] - bounds[shard])
     seconds = time.perf_counter() - start

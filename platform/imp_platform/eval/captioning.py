@@ -2,13 +2,15 @@
 
 Metrics: ``caption_token_accuracy`` (teacher-forced next-token accuracy over the reference
 tokens and EOS: what the captioning loss trains), ``caption_exact_match`` (generated ==
-reference, case and spacing ignored) and, when the dataset declares classes,
-``caption_label_word_accuracy`` (labelled clips whose caption names their class: Video-STaR's
-label check).
+reference, case and spacing ignored), ``caption_bleu4`` (corpus BLEU-4, ``bleu4``) and, when
+the dataset declares classes, ``caption_label_word_accuracy`` (labelled clips whose caption
+names their class: Video-STaR's label check).
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +87,36 @@ def _words(text: str) -> list[str]:
     return text.lower().split()
 
 
+def names_class(caption: str, class_name: str) -> bool:
+    """Whether ``caption`` has ``class_name`` as a word (case ignored): Video-STaR's label verification."""
+    return class_name.lower() in _words(caption)
+
+
+def _ngrams(words: list[str], n: int) -> Counter[tuple[str, ...]]:
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu4(pairs: Sequence[tuple[str, str]]) -> float:
+    """Corpus BLEU-4 (Papineni et al. 2002) of (generated, reference) pairs, one reference each:
+    clipped 1-4-gram precisions summed over the corpus, their geometric mean, times the brevity
+    penalty; no smoothing, so a corpus without one matching 4-gram scores 0. Words are lower-cased
+    whitespace tokens, as the captions are tokenized."""
+    hits, totals = [0] * 4, [0] * 4
+    generated_len = reference_len = 0
+    for generated, reference in pairs:
+        g, r = _words(generated), _words(reference)
+        generated_len, reference_len = generated_len + len(g), reference_len + len(r)
+        for n in range(1, 5):
+            grams = _ngrams(g, n)
+            hits[n - 1] += sum((grams & _ngrams(r, n)).values())
+            totals[n - 1] += sum(grams.values())
+    if not generated_len or min(hits) == 0:
+        return 0.0
+    log_precision = sum(math.log(h / t) for h, t in zip(hits, totals)) / 4
+    brevity = min(0.0, 1.0 - reference_len / generated_len)
+    return math.exp(brevity + log_precision)
+
+
 def caption_metrics(rows: Sequence[CaptionRow], classes: Sequence[str] | None = None) -> dict[str, float]:
     """Token accuracy, exact match and (given class names) label-word accuracy of captioned rows."""
     out: dict[str, float] = {"caption_samples": float(len(rows))}
@@ -94,10 +126,11 @@ def caption_metrics(rows: Sequence[CaptionRow], classes: Sequence[str] | None = 
     refs = [r for r in rows if r.reference is not None]
     if refs:
         out["caption_exact_match"] = float(np.mean([_words(r.generated) == _words(r.reference or "") for r in refs]))
+        out["caption_bleu4"] = bleu4([(r.generated, r.reference or "") for r in refs])
     labelled = [r for r in rows if classes is not None and 0 <= r.label < len(classes)]
     if labelled and classes is not None:
         out["caption_label_word_accuracy"] = float(np.mean(
-            [classes[r.label].lower() in _words(r.generated) for r in labelled]))
+            [names_class(r.generated, classes[r.label]) for r in labelled]))
     return out
 
 

@@ -8,13 +8,15 @@ A corpus that declares no classes gets no zero-shot metrics (one log line says s
 Retrieval: R@k over the whole held-out split, averaged over both directions. On templated
 captions many clips share one caption, which caps instance R@1 far below 1 (about 7 clips
 per caption in the demo's test split: at most ~0.14), so ``_semantic`` variants also count a
-hit when the retrieved item has the same caption (pairs with text) or the same class
-(video-audio). ``val_loss`` is the mean symmetric NCE of the pairs on held-out batches, so it
-is comparable across AGD and mixed runs.
+hit when the retrieved item has the same caption (pairs with text: the text embedded is a
+sample's first caption, and it matches a clip when it is any of that clip's captions) or the
+same class (video-audio). ``val_loss`` is the mean symmetric NCE of the pairs on held-out
+batches, so it is comparable across AGD and mixed runs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,7 @@ class Features:
     pooled: dict[str, torch.Tensor]
     labels: np.ndarray  # int64, -1 = unlabelled
     captions: np.ndarray | None  # object array of str, None when the split has no caption column
+    caption_sets: list[tuple[str, ...]] | None = None  # every caption of each row (json caption lists)
 
 
 @dataclass
@@ -119,11 +122,12 @@ class HeldOut:
         """Pooled features per family over the held-out split (up to ``max_samples``), labels and captions."""
         families = self._modalities()
         stored = set.intersection(*(set(b.columns) for b in self.dataset.buckets))
-        extra = [c for c in ("label", "caption") if c in stored]
+        extra = [c for c in ("label", "caption", *(["meta"] if "caption" in stored else [])) if c in stored]
         columns = sorted({c for m in families.values() for c in COLUMNS[m]} | set(extra))
         pooled: dict[str, list[torch.Tensor]] = {f: [] for f in families}
         labels: list[np.ndarray] = []
         captions: list[np.ndarray] = []
+        metas: list[str | None] = []
         seen = 0
         for info in self.dataset.buckets:
             for batch in self.dataset.iter_batches(info, self.batch_size, columns):
@@ -135,11 +139,13 @@ class HeldOut:
                 labels.append(batch["label"] if "label" in batch else np.full(n, -1, dtype=np.int64))
                 if "caption" in batch:
                     captions.append(batch["caption"])
+                    metas.extend(batch.get("meta", [None] * n))
                 seen += n
         cap = self.max_samples
+        first = np.concatenate(captions)[:cap] if captions else None
         return Features(pooled={f: torch.cat(v)[:cap] for f, v in pooled.items() if v},
-                        labels=np.concatenate(labels)[:cap].astype(np.int64),
-                        captions=np.concatenate(captions)[:cap] if captions else None)
+                        labels=np.concatenate(labels)[:cap].astype(np.int64), captions=first,
+                        caption_sets=None if first is None else [caption_set(c, m) for c, m in zip(first, metas)])
 
     @torch.no_grad()
     def run(self, model: Any) -> Evaluation:
@@ -166,7 +172,7 @@ class HeldOut:
             sim = za @ zb.T
             for k, value in recall_at_k(sim, KS).items():
                 result.metrics[f"retrieval_{name}_r{k}"] = value
-            groups = semantic_groups(feats, with_text="text" in (fa, fb))
+            groups = semantic_groups(feats, text_side=(fa, fb).index("text") if "text" in (fa, fb) else None)
             for k, value in recall_at_k(sim, SEMANTIC_KS, groups).items():
                 result.metrics[f"retrieval_{name}_r{k}_semantic"] = value
             val_losses.append(_heldout_nce(za, zb, model.temperature(ma, mb).float(), self.batch_size))
@@ -245,25 +251,50 @@ def zero_shot_scores(scores: torch.Tensor, labels: np.ndarray,
     return accuracy, confusion
 
 
-def semantic_groups(feats: Features, with_text: bool) -> np.ndarray:
-    """Per row, the id of the items that count as a semantic match: same caption for pairs with
-    text (when captions are stored), else same class; unlabelled rows match only themselves."""
+def caption_set(caption: str, meta: str | None) -> tuple[str, ...]:
+    """Every caption of a row: its json caption list (``meta.captions``), else the one stored caption."""
+    listed = json.loads(meta).get("captions") if meta else None
+    several = isinstance(listed, list) and listed and all(isinstance(c, str) for c in listed)
+    return tuple(listed) if several else (str(caption),)
+
+
+def semantic_groups(feats: Features, text_side: int | None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """What counts as a semantic match: for pairs with text (``text_side``: 0 or 1, when captions
+    are stored) a text item (its first caption) and a clip match when that caption is any of the
+    clip's captions, as the (a side, b side) id sets of ``recall_at_k``; else the same class per
+    row; unlabelled rows match only themselves."""
     n = len(feats.labels)
-    if with_text and feats.captions is not None:
-        return np.unique(feats.captions.astype(str), return_inverse=True)[1].reshape(n)
-    return np.where(feats.labels >= 0, feats.labels, -1 - np.arange(n))
+    if text_side is not None and feats.captions is not None:
+        sets = feats.caption_sets or [(str(c),) for c in feats.captions]
+        vocab = {c: i for i, c in enumerate(sorted({c for s in sets for c in s} | set(feats.captions.astype(str))))}
+        clips = np.full((n, max(map(len, sets))), -1, dtype=np.int64)
+        for row, captions in enumerate(sets):
+            clips[row, :len(captions)] = [vocab[c] for c in captions]
+        texts = np.array([[vocab[str(c)]] for c in feats.captions], dtype=np.int64)
+        return (texts, clips) if text_side == 0 else (clips, texts)
+    return np.where(feats.labels >= 0, feats.labels, feats.labels.max(initial=0) + 1 + np.arange(n))
 
 
-def recall_at_k(sim: torch.Tensor, ks: tuple[int, ...] = KS, groups: np.ndarray | None = None) -> dict[int, float]:
+def _hits(query: torch.Tensor, items: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Share of queries (id sets [n, G], -1 = none) with a top item (indices [n, k]) whose id set meets theirs."""
+    found = items[top]  # [n, k, H]
+    meet = (found[:, :, :, None] == query[:, None, None, :]) & (query[:, None, None, :] >= 0)
+    return meet.flatten(1).any(1).float().mean()
+
+
+def recall_at_k(sim: torch.Tensor, ks: tuple[int, ...] = KS,
+                groups: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None) -> dict[int, float]:
     """Recall@k averaged over a->b and b->a: a hit when one of the top k is the matching item
-    (the diagonal) or, given ``groups``, any item of the query's group."""
+    (the diagonal) or, given ``groups``, an item of the query's group: one id (>= 0) per row for
+    both sides, or per side an id set per row [n, G] (-1 pads), a hit when the sets meet."""
     n = sim.shape[0]
-    group = torch.as_tensor(np.arange(n) if groups is None else groups)
+    side_a, side_b = (groups, groups) if groups is None or isinstance(groups, np.ndarray) else groups
+    sets = [torch.as_tensor(np.arange(n) if g is None else g).reshape(n, -1) for g in (side_a, side_b)]
     out = {}
     for k in ks:
         k_eff = min(k, n)
-        a2b = (group[sim.topk(k_eff, dim=1).indices.cpu()] == group[:, None]).any(1).float().mean()
-        b2a = (group[sim.T.topk(k_eff, dim=1).indices.cpu()] == group[:, None]).any(1).float().mean()
+        a2b = _hits(sets[0], sets[1], sim.topk(k_eff, dim=1).indices.cpu())
+        b2a = _hits(sets[1], sets[0], sim.T.topk(k_eff, dim=1).indices.cpu())
         out[k] = float((a2b + b2a) / 2)
     return out
 

@@ -33,7 +33,4 @@ def distill_loss(teacher_term: torch.Tensor, student_logits: torch.Tensor, label
     ``teacher_term`` is ``kd_loss`` or ``feature_distance``; without a labelled row the CE is 0
     (not NaN), so unlabelled batches still learn from the teacher.
     """
-    labelled = labels != ignore_index
-    ce = classification_loss(student_logits, labels, ignore_index) if bool(labelled.any()) \
-        else student_logits.float().sum() * 0.0
-    return alpha * teacher_term + (1 - alpha) * ce
+    return alpha * teacher_term + (1 - alpha) * classification_loss(student_logits, labels, ignore_index)

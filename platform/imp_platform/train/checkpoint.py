@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,29 @@ SHARDS = "dcp"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete or holds something other than plain data; the message names the file."""
+
+
+class CheckpointClock:
+    """When a checkpoint is due besides evals: every ``steps`` steps, or once ``seconds`` of wall clock
+    have passed since the last one (``run.checkpoint_every`` as 200 or "10m").
+
+    Clocks of different ranks disagree, so ``time_up`` is one rank's view: the loop all-reduces it
+    and every rank checkpoints at the same step if any rank's time is up.
+    """
+
+    def __init__(self, steps: int | None, seconds: float | None, clock: Any = time.monotonic) -> None:
+        self.steps, self.seconds, self._clock = steps, seconds, clock
+        self._last = clock()
+
+    def step_due(self, done: int) -> bool:
+        return self.steps is not None and done % self.steps == 0
+
+    def time_up(self) -> bool:
+        return self.seconds is not None and self._clock() - self._last >= self.seconds
+
+    def restart(self) -> None:
+        """A checkpoint was just taken: the wall-clock interval counts from now."""
+        self._last = self._clock()
 
 
 def rank_file(rank: int, world_size: int) -> str:
@@ -133,6 +157,16 @@ def open_for_resume(directory: str | Path) -> tuple[dict[str, Any], list[dict[st
     return load_train_state(directory), load_rank_states(directory)
 
 
+def ray_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """A ``ray.train.Checkpoint`` of a checkpoint URI (local path or s3://, with the run's storage options)."""
+    from ray.train import Checkpoint
+
+    from imp_platform.train.trainer import arrow_storage
+
+    path, filesystem = arrow_storage(uri, storage_options)
+    return Checkpoint(path, filesystem=filesystem)
+
+
 def load_history(directory: str | Path) -> list[dict[str, Any]]:
     path = Path(directory) / HISTORY
     return json.loads(path.read_text()) if path.exists() else []
@@ -143,9 +177,17 @@ def load_run_config(directory: str | Path) -> PretrainConfig:
 
 
 def load_model(directory: str | Path) -> tuple[torch.nn.Module, Any]:
-    """(model, ModelConfig) from a checkpoint directory, on CPU in eval mode (a sharded one consolidated)."""
-    from imp_platform.model.io import load_pretrained
+    """(model, ModelConfig) from a checkpoint directory, on CPU in eval mode (a sharded one consolidated).
 
+    Anything but an exported model dir (``config.json`` + ``model.safetensors`` and no training
+    state) is a run checkpoint and must be complete: eval and inference never read a half-uploaded
+    one, whichever of its files the interrupted upload had copied.
+    """
+    from imp_platform.model.io import CONFIG, WEIGHTS, load_pretrained
+
+    files = {p.name for p in Path(directory).iterdir()}
+    if TRAIN_STATE in files or not {CONFIG, WEIGHTS} <= files:
+        verify_complete(directory)
     if is_sharded(directory):
         model, model_cfg = _consolidate(Path(directory))
     else:

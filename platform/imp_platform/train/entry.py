@@ -17,18 +17,21 @@ HEADLINE = ("zeroshot_video_top1", "zeroshot_audio_top1", "zeroshot_image_top1",
 
 def run_pretrain(config: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """Load the config (default: the embedded demo), pretrain, print where the results are."""
+    from imp_platform.train.phases import PhaseTimer
     from imp_platform.train.trainer import pretrain
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_pretrain_config(config, overrides)
     began = time.perf_counter()
+    phases = PhaseTimer(since_process_start=True)
     with PeakMemory(interval=1.0) as memory:  # a locally started Ray runs as this process's children
-        result = pretrain(cfg)
+        result = pretrain(cfg, phases)
     summary = {k: result.metrics[k] for k in HEADLINE if k in result.metrics}
     print(f"\npretraining {cfg.run.name} done in {time.perf_counter() - began:.0f}s at step "
           f"{result.metrics.get('step')}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     print(f"peak memory (this process and its children): {memory.peak_pss_mb / 1024:.1f} GiB PSS, "
-          f"{memory.peak_mb / 1024:.1f} GiB summed RSS")
+          f"{memory.peak_mb / 1024:.1f} GiB summed RSS; largest at the peak: {memory.top_processes()}")
+    print(f"time per phase (this process, from its start):\n{phases.table()}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"metrics:    {result.metrics_path}")
     print(f"report:     {result.report_path}")

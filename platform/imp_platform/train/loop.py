@@ -10,9 +10,10 @@ eval runs on rank 0 and its metrics are broadcast, and every worker calls ``ray.
 at the same steps (a mismatch hangs Train V2, ray #50874). Metrics always travel with a
 checkpoint (metrics without one are not kept, ray #56718).
 
-Checkpoints are taken every ``run.checkpoint_every`` steps, at every eval and at the end, with
-each rank's RNG states and stream cursors, so a resumed run computes what an uninterrupted
-one would have. A step whose loss (on any rank) or averaged gradient is not finite is skipped
+Checkpoints are taken every ``run.checkpoint_every`` (steps, or wall-clock time such as "10m"),
+at every eval, at the end and at the step after a SIGTERM (train/preemption.py), with each
+rank's RNG states and stream cursors, so a resumed run computes what an uninterrupted one would
+have. A step whose loss (on any rank) or averaged gradient is not finite is skipped
 on every rank: no optimizer update (the lr schedule still advances: it is a function of the
 step, and the skipped batch is lost data, not a pause); ``run.max_nonfinite_skips`` in a row
 stop the run with an error naming the tasks and buckets.
@@ -38,6 +39,7 @@ import torch
 from imp_platform.config.train import PretrainConfig, TaskConfig
 from imp_platform.memory import reuse_large_allocations
 from imp_platform.train import checkpoint as ckpt
+from imp_platform.train import preemption
 from imp_platform.train.agd import AGDSampler, Choice
 from imp_platform.train.dist import broadcast_object, broadcast_parameters, is_distributed
 from imp_platform.train.metrics import MetricsWindow, TensorBoardLogger, progress_line, scalar_metrics
@@ -208,7 +210,8 @@ def _open_datasets(cfg: PretrainConfig, splits: set[str]) -> dict[str, Any]:
             for s in sorted(splits)}
 
 
-def _threads(cfg: PretrainConfig) -> int:
+def worker_threads(cfg: PretrainConfig) -> int:
+    """Intra-op threads of each train worker (``platform bench train`` measures its MFU with as many)."""
     return cfg.run.threads_per_worker or max(1, math.floor(cfg.run.cpus_per_worker))
 
 
@@ -241,14 +244,15 @@ class NonFiniteGuard:
         self.total, self._streak = int(state["total"]), list(state["streak"])
 
 
-def _any_rank_nonfinite(*values: torch.Tensor) -> bool:
-    """True on every rank if any of ``values`` is not finite on any rank: the step's one host sync."""
-    flag = torch.stack([~torch.isfinite(v.detach().float()).all() for v in values]).any().float().reshape(1)
+def _any_rank(values: tuple[torch.Tensor, ...], flags: list[bool]) -> list[bool]:
+    """[any of ``values`` not finite, *flags], each true on every rank if true on any rank: the step's one host sync."""
+    nonfinite = torch.stack([~torch.isfinite(v.detach().float()).all() for v in values]).any().reshape(1)
+    flag = torch.cat([nonfinite, torch.tensor(flags, dtype=torch.bool, device=nonfinite.device)]).float()
     if is_distributed():
         import torch.distributed as dist
 
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return [bool(x) for x in flag.tolist()]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -261,7 +265,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = with_worker_secrets(PretrainConfig.model_validate(config["cfg"]))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(_threads(cfg))
+    torch.set_num_threads(worker_threads(cfg))
     _debug(rank, "pids", str(os.getpid()))
     device = _device(cfg)
     if device.type == "cpu":
@@ -272,7 +276,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(model_cfg).to(device)
     from imp_platform.model.init import init_model  # model.init_from / freeze; a resume loads its own weights later
 
-    init_model(model, cfg.model, model_cfg, cfg.run.storage_options, resuming=ray.train.get_checkpoint() is not None)
+    resume_from = config.get("resume_from")  # another run's checkpoint (a PBT donor's), see build_trainer
+    init_model(model, cfg.model, model_cfg, cfg.run.storage_options,
+               resuming=ray.train.get_checkpoint() is not None or resume_from is not None)
     broadcast_parameters(model)
     parallel = apply_parallelism(model, cfg.parallel, device)
     sharded, params = parallel.sharded, parallel.params
@@ -288,7 +294,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = []
     state = _TrainState(model, model_cfg, optimizer, scheduler, sampler, streams, guard, history, cfg, rank, world,
                         sharded)
-    start = state.restore()
+    start = state.restore(resume_from)
     _debug(rank, "starts", str(start))
 
     evaluator = _Evaluator(cfg, device, model_cfg if sharded else None) if cfg.eval.enabled and rank == 0 else None
@@ -300,6 +306,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if start >= cfg.run.steps:  # nothing re-reported: a registered checkpoint is never rewritten
             log.info("%s already reached step %d: nothing to do", cfg.run.name, start)
     window = MetricsWindow()
+    clock = ckpt.CheckpointClock(cfg.run.checkpoint_steps, cfg.run.checkpoint_seconds)
+    preemption.arm()
     try:
         for step in range(start, cfg.run.steps):
             model.train()
@@ -310,7 +318,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             outputs, loss, grad_norm = forward_backward(model, cfg, choices, batches, device, parallel)
             # The averaged grads (so their norm) agree on every rank; the loss is each rank's own.
-            if _any_rank_nonfinite(loss, grad_norm):
+            # SIGTERM on any rank, or any rank's checkpoint time up: every rank checkpoints this step.
+            nonfinite, stop, time_up = _any_rank((loss, grad_norm), [preemption.requested(), clock.time_up()])
+            if nonfinite:
                 guard.skipped(step, choices)
             else:
                 guard.passed()
@@ -330,7 +340,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                       f"{_digest(local(params))!r}")
             done = step + 1
             is_eval = done % cfg.run.eval_every == 0 or done == cfg.run.steps
-            is_report = is_eval or done % cfg.run.checkpoint_every == 0
+            is_report = is_eval or stop or time_up or clock.step_due(done)
             if done % cfg.run.log_every == 0 or is_report:
                 extra = {}
                 if is_eval:
@@ -346,7 +356,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if is_report:
                 state.report(row, done)
                 window.restart_clock()
+                clock.restart()
+            if stop and done < cfg.run.steps:
+                _debug(rank, "preempted", str(done))
+                preemption.leave(done)
     finally:
+        preemption.disarm()
         streams.close()
         if tb:
             tb.close()
@@ -473,13 +488,21 @@ class _TrainState:
     world: int
     sharded: bool  # FSDP or expert-parallel: model and optimizer state go through DCP, every rank its shards
 
-    def restore(self) -> int:
-        """Resume from Ray Train's latest checkpoint (failure restart or a rerun of the same name); the step."""
+    def restore(self, resume_from: str | None = None) -> int:
+        """Resume from Ray Train's latest checkpoint (failure restart or a rerun of the same name); the step.
+
+        A run without one starts from ``resume_from`` if given (another run's checkpoint URI): its
+        weights and training state, with this run's optimizer hyperparameters (a PBT exploit).
+        """
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
+        adopted = checkpoint is None and resume_from is not None
+        if adopted:
+            checkpoint = ckpt.ray_checkpoint(resume_from, self.cfg.run.storage_options)
         if checkpoint is None:
             return 0
+        own_hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         with checkpoint.as_directory() as directory:
             state, ranks = ckpt.open_for_resume(directory)
             if ckpt.is_sharded(directory) != self.sharded:
@@ -494,6 +517,8 @@ class _TrainState:
                 self.model.load_state_dict(loaded.state_dict())
                 self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if adopted:
+                self._use_hyperparameters(own_hyperparameters)
             self.sampler.load_state_dict(state["sampler"])
             self.guard.load_state_dict(state["nonfinite"])
             self.history.extend(ckpt.load_history(directory))
@@ -510,7 +535,19 @@ class _TrainState:
             _seed_everything(self.cfg.run.seed * 1_000_003 + step * 1009 + self.rank)
         if self.rank == 0:
             log.info("resumed from %s at step %d (saved by %d worker(s))", checkpoint.path, step, len(ranks))
+        if os.environ.get(DEBUG_DIR_ENV):  # which checkpoint, at which step, with which weights
+            _debug(self.rank, "restores", f"{self.cfg.run.name} {step} {checkpoint.path} "
+                                          f"{_digest(local(p.detach() for p in self.model.parameters()))!r}")
         return step
+
+    def _use_hyperparameters(self, groups: list[dict[str, Any]]) -> None:
+        """Put this run's lr, betas, eps and decay back over an adopted optimizer state (moments and step kept),
+        and the lr its schedule gives at the adopted step."""
+        for group, own in zip(self.optimizer.param_groups, groups):
+            group.update(own)
+        self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
 
     def report(self, row: dict[str, Any], step: int) -> None:
         """Every rank writes its share of the checkpoint and calls report once (same count on all ranks)."""

@@ -6,6 +6,8 @@ same thing everywhere. A batch is a ``dict[str, np.ndarray]`` of processed colum
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +15,8 @@ import numpy as np
 import torch
 
 from imp_platform.config.train import PretrainConfig, TaskConfig
+from imp_platform.data.captions import IDS as CAPTIONS_IDS
+from imp_platform.data.captions import flatten_captions
 
 # Processed columns each model modality reads.
 COLUMNS = {"video": ["video"], "image": ["image"], "audio_mel": ["audio_mel"], "audio_wave": ["audio_wave"],
@@ -28,7 +32,19 @@ def task_columns(task: TaskConfig) -> list[str]:
                                *(o.teacher_column for o in distill if o.teacher_column)]))
     if any(o.uses_labels for o in task.objectives):
         cols.append(task.label)
+        if task.labelled_fraction < 1:
+            cols.append("key")
     return cols
+
+
+def task_labels(task: TaskConfig, batch: dict[str, np.ndarray], device: torch.device) -> torch.Tensor:
+    """The batch's class ids as the task sees them: with ``labelled_fraction`` < 1, the labels of
+    samples outside the fraction (by a hash of their key, so fixed across steps and runs) are -1."""
+    labels = np.asarray(batch[task.label], dtype=np.int64)
+    if task.labelled_fraction < 1:
+        shown = np.array([zlib.crc32(str(k).encode()) / 2**32 < task.labelled_fraction for k in batch["key"]])
+        labels = np.where(shown, labels, -1)
+    return torch.as_tensor(labels, dtype=torch.long, device=device)
 
 
 def head_name(task_name: str) -> str:
@@ -79,8 +95,16 @@ def _yaml_scalar(value: Any) -> str:
 
 
 def tokens_per_sample(model: Any, task: TaskConfig, shapes: dict[str, list[int]]) -> int:
-    """Encoder tokens one sample of ``task`` costs after DropToken (the budget counts kept tokens)."""
-    return sum(int(model.num_tokens(m, tuple(shapes[COLUMNS[m][0]]), task.drop_rate(m))) for m in task.modalities)
+    """Encoder tokens one sample of ``task`` costs after DropToken (the budget counts kept tokens;
+    MIL-NCE over several captions counts all K of them)."""
+    texts = shapes[CAPTIONS_IDS][0] if several_captions(task, shapes) else 1
+    return sum(int(model.num_tokens(m, tuple(shapes[COLUMNS[m][0]]), task.drop_rate(m))) * (texts if m == "text" else 1)
+               for m in task.modalities)
+
+
+def several_captions(task: TaskConfig, batch: Mapping[str, Any]) -> bool:
+    """Whether the task's text is every stored caption of a row: MIL-NCE on a bucket with several (``data.captions``)."""
+    return CAPTIONS_IDS in batch and "text" in task.modalities and any(o.kind == "mil_nce" for o in task.objectives)
 
 
 @dataclass
@@ -120,7 +144,9 @@ def run_task(model: Any, name: str, task: TaskConfig, batch: dict[str, np.ndarra
     from imp_platform.objectives import caption_loss, classification_loss, mil_nce_loss, nce_loss
     from imp_platform.train.dist import is_distributed
 
-    outs = {m: encode(model, m, batch, device, task.drop_rate(m) if model.training else 0.0)
+    multi = several_captions(task, batch)  # then text is encoded as the rows' real captions, flattened
+    positives, text_batch = flatten_captions(batch) if multi else (None, batch)
+    outs = {m: encode(model, m, text_batch if m == "text" else batch, device, task.drop_rate(m) if model.training else 0.0)
             for m in task.modalities if m != "text" or not captions_only(task)}
     loss = sum(o.aux_loss for o in outs.values())
     parts: dict[str, torch.Tensor] = {"aux": loss.detach()}
@@ -128,13 +154,12 @@ def run_task(model: Any, name: str, task: TaskConfig, batch: dict[str, np.ndarra
         if obj.kind == "classification":
             modality = task.modalities[0]
             logits = model.classify(outs[modality].pooled, head_name(name))
-            labels = torch.as_tensor(batch[task.label], dtype=torch.long, device=device)
-            value = classification_loss(logits.float(), labels)
+            value = classification_loss(logits.float(), task_labels(task, batch, device))
         elif obj.kind == "distill":
             from imp_platform.train.teacher import distill_value
 
-            labels = torch.as_tensor(batch[task.label], dtype=torch.long, device=device)
-            value = distill_value(model, head_name(name), task.modalities[0], obj, outs, batch, labels, device)
+            value = distill_value(model, head_name(name), task.modalities[0], obj, outs, batch,
+                                  task_labels(task, batch, device), device)
         elif obj.kind == "caption":  # CoCa: the decoder reads the same encoder forward as the other objectives
             ids, text = to_inputs("text", batch, device)
             logits = model.caption_logits(outs[task.modalities[0]], ids)
@@ -144,8 +169,13 @@ def run_task(model: Any, name: str, task: TaskConfig, batch: dict[str, np.ndarra
             za = model.project(outs[a].pooled, a, b).float()
             zb = model.project(outs[b].pooled, b, a).float()
             temperature, gather = model.temperature(a, b), is_distributed()  # negatives from every rank
-            value = (nce_loss(za, zb, temperature, gather=gather) if obj.kind == "nce"
-                     else mil_nce_loss(za, zb[:, None], temperature, gather=gather))
+            if multi:  # the captions side as [B, K, D] (symmetric loss: text may be either modality)
+                mask = torch.as_tensor(positives, device=device)
+                za, zb = (zb, za) if a == "text" else (za, zb)
+                zb = zb.new_zeros(*mask.shape, zb.shape[-1]).index_put((mask,), zb)
+            value = (nce_loss(za, zb[:, 0] if multi else zb, temperature, gather=gather) if obj.kind == "nce"
+                     else mil_nce_loss(za, zb if multi else zb[:, None], temperature, mask=mask if multi else None,
+                                       gather=gather))
         parts[obj.kind] = value.detach()
         loss = loss + obj.weight * value
     load = {m: {str(layer): v.detach().float() for layer, v in o.expert_load.items()}

@@ -16,6 +16,7 @@ from typing import Any
 from imp_platform.config import ConfigError
 from imp_platform.config.base import split_secrets
 from imp_platform.config.train import PretrainConfig
+from imp_platform.train.phases import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -28,31 +29,38 @@ class PretrainResult:
     metrics: dict[str, Any]  # the last reported metrics (includes the final held-out eval)
     metrics_path: str | None = None  # metrics.json of the final eval (path or URI, beside the checkpoints)
     report_path: str | None = None  # the PNG report
+    phases: PhaseTimer | None = None  # the driver's wall time per phase
 
 
-def _storage(cfg: PretrainConfig) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem): local paths made absolute; s3:// with options via fsspec."""
-    path = cfg.run.storage_path
+def arrow_storage(path: str, storage_options: dict[str, Any] | None) -> tuple[str, Any]:
+    """(path, pyarrow filesystem or None) as Ray takes storage: local paths made absolute; s3:// with options via fsspec."""
     if "://" not in path:
         return str(Path(path).resolve()), None
-    if not cfg.run.storage_options:
+    if not storage_options:
         return path, None
     import pyarrow.fs
 
     from imp_platform.data.sources import filesystem
 
-    fs, stripped = filesystem(path, cfg.run.storage_options)
+    fs, stripped = filesystem(path, storage_options)
     return stripped, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any = None):
-    """A ``TorchTrainer`` for ``cfg``; ``run_config`` (e.g. from a Tune trial) replaces the one built here."""
+def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any = None,
+                  resume_from: str | None = None):
+    """A ``TorchTrainer`` for ``cfg``; ``run_config`` (e.g. from a Tune trial) replaces the one built here.
+
+    ``resume_from`` (a checkpoint URI of another run, e.g. a PBT donor's) is where the run starts
+    while it has no checkpoint of its own: its weights and training state, this config's hyperparameters.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from imp_platform.train.loop import SECRETS_ENV, train_loop_per_worker
+    from imp_platform.train.preemption import worker_callback
 
     cfg = cfg.with_absolute_paths()
+    callbacks = (*callbacks, worker_callback())  # SIGTERM checkpoints (train/preemption.py)
     if cfg.run.num_workers == 0:
         log.warning("run.num_workers=0: Ray Train local mode runs in this process and persists no checkpoints "
                     "(nothing to resume or evaluate afterwards); use 1+ workers for a real run")
@@ -61,9 +69,12 @@ def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any
     if secrets:
         log.warning("credentials found in the config (%s): they reach the workers through their environment; "
                     "prefer AWS_* variables, a Kubernetes Secret or IRSA", ", ".join(sorted(secrets)))
-    env = {**cfg.run.worker_env, **({SECRETS_ENV: json.dumps(secrets)} if secrets else {})}
+    # Two glibc arenas: each data stream's prefetch thread otherwise gets an arena of its own that keeps
+    # its high-water mark (batches are allocated there and freed by the loop), so worker memory grows
+    # with every stream opened (in-process: 1.26x over 400 steps of the demo's streams; 1.08x with 2).
+    env = {"MALLOC_ARENA_MAX": "2", **cfg.run.worker_env, **({SECRETS_ENV: json.dumps(secrets)} if secrets else {})}
     if run_config is None:
-        storage_path, storage_fs = _storage(cfg)
+        storage_path, storage_fs = arrow_storage(cfg.run.storage_path, cfg.run.storage_options)
         run_config = RunConfig(
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
@@ -82,7 +93,7 @@ def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": public},
+        train_loop_config={"cfg": public, **({"resume_from": resume_from} if resume_from else {})},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=resources),
         run_config=run_config,
@@ -96,24 +107,28 @@ def ensure_ray(cfg: PretrainConfig, attempts: int = 3) -> None:
     Locally we declare more logical CPUs than cores, so fractional-CPU train workers and Ray
     Data's decode tasks can run side by side on a 2-core box (REFERENCE.md, Ray 2.60 facts).
     The dashboard stays on: besides the UI, it serves the State API, without which Ray Train's
-    placement-group cleaner logs a warning every second or two of the run.
+    placement-group cleaner logs a warning every second or two of the run. On a machine so busy
+    that the dashboard misses Ray's 60 s start-up deadline every time, the last attempt starts
+    without it (a noisy log rather than a failed job).
     """
     import ray
 
     if ray.is_initialized():
         return
     for attempt in range(1, attempts + 1):
+        dashboard = attempt < attempts
         try:
             if os.environ.get("RAY_ADDRESS"):
                 ray.init()
             else:
-                ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, include_dashboard=True,
+                ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, include_dashboard=dashboard,
                          runtime_env={"env_vars": {"PYTHONPATH": str(PLATFORM_DIR)}})
             return
         except Exception as exc:  # a raylet that times out on a busy box: Ray raises a bare Exception
             if attempt == attempts:
                 raise
-            log.warning("ray.init failed (%s); retrying (%d/%d)", exc, attempt, attempts)
+            log.warning("ray.init failed (%s); retrying (%d/%d)%s", exc, attempt, attempts,
+                        "" if attempt + 1 < attempts else " without the dashboard")
             ray.shutdown()
 
 
@@ -124,15 +139,16 @@ def _exists(url: str, storage_options: dict | None) -> bool:
     return fs.exists(path)
 
 
-def prepare_data(cfg: PretrainConfig) -> bool:
+def prepare_data(cfg: PretrainConfig, phases: PhaseTimer | None = None) -> bool:
     """Make the processed train and eval splits if missing: synth shards (if configured), then preprocess.
 
-    Returns whether anything was preprocessed.
+    Returns whether anything was preprocessed; ``phases`` gets the ``synth`` and ``preprocess`` times.
     """
     from imp_platform.config.pipeline import load_pipeline
     from imp_platform.data.manifest import MANIFEST_NAME
     from imp_platform.data.pipeline import preprocess
 
+    phases = phases or PhaseTimer()
     ran = False
     for split in dict.fromkeys([cfg.data.train_split, cfg.data.eval_split, *(t.split for t in cfg.tasks.values())]):
         processed = cfg.data.processed_path(split)
@@ -147,49 +163,61 @@ def prepare_data(cfg: PretrainConfig) -> bool:
 
             samples = cfg.data.synth.test_samples if split == cfg.data.eval_split else cfg.data.synth.train_samples
             log.info("writing %d synthetic %s samples to %s", samples, split, raw)
-            write_dataset(cfg.data.raw_root, samples=samples, shards=cfg.data.synth.shards, seed=cfg.data.synth.seed,
-                          split=split)
+            with phases.phase("synth"):
+                write_dataset(cfg.data.raw_root, samples=samples, shards=cfg.data.synth.shards,
+                              seed=cfg.data.synth.seed, split=split)
         pipeline = load_pipeline(cfg.data.pipeline, [f"source.paths=[{raw}]", f"output.path={processed}"])
         log.info("preprocessing %s -> %s", raw, processed)
-        preprocess(pipeline)
+        with phases.phase("preprocess"):
+            preprocess(pipeline)
         ran = True
     return ran
 
 
-def pretrain(cfg: PretrainConfig) -> PretrainResult:
-    """Prepare data, train on Ray, write metrics.json and the PNG report of the final eval."""
+def pretrain(cfg: PretrainConfig, phases: PhaseTimer | None = None) -> PretrainResult:
+    """Prepare data, train on Ray, write metrics.json and the PNG report of the final eval.
+
+    ``phases`` (the driver's timer) gets set-up, synth, preprocess, training and eval_report;
+    the metrics JSON carries them as ``time_<phase>_s``.
+    """
     import ray
 
+    phases = phases or PhaseTimer()
     own_local_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    ensure_ray(cfg)
-    if prepare_data(cfg) and own_local_ray:
+    with phases.phase("setup"):
+        ensure_ray(cfg)
+    if prepare_data(cfg, phases) and own_local_ray:
         # Preprocessing leaves idle Ray workers behind (~0.5 GB each: Ray Data imported, object-store
         # pages mapped) that would sit beside training all run; on a laptop a fresh local Ray is cheaper.
         log.info("restarting the local Ray so preprocessing's idle workers do not stay beside training")
-        ray.shutdown()
-        ensure_ray(cfg)
-    result = build_trainer(cfg).fit()
+        with phases.phase("ray_restart"):
+            ray.shutdown()
+            ensure_ray(cfg)
+    with phases.phase("training"):
+        result = build_trainer(cfg).fit()
     checkpoint = result.checkpoint
     metrics = dict(result.metrics or {})
-    out = PretrainResult(checkpoint=_uri(cfg, checkpoint.path) if checkpoint else None, metrics=metrics)
+    out = PretrainResult(checkpoint=checkpoint_uri(cfg, checkpoint.path) if checkpoint else None, metrics=metrics,
+                         phases=phases)
     if checkpoint is not None and cfg.eval.report:
-        from imp_platform.train.checkpoint import load_history, load_model
+        with phases.phase("eval_report"):
+            from imp_platform.train.checkpoint import load_history, load_model
 
-        with checkpoint.as_directory() as directory:
-            history = load_history(directory)
-            model, _ = load_model(directory)
-        classes = None
-        if cfg.eval.enabled:  # the workers report scalars; the report also wants the confusion matrices
-            from imp_platform.eval.zeroshot import HeldOut
+            with checkpoint.as_directory() as directory:
+                history = load_history(directory)
+                model, _ = load_model(directory)
+            classes = None
+            if cfg.eval.enabled:  # the workers report scalars; the report also wants the confusion matrices
+                from imp_platform.eval.zeroshot import HeldOut
 
-            heldout = HeldOut.open(cfg)
-            metrics = {**metrics, **heldout.run(model).as_json()}
-            classes = heldout.card.classes
-        out.metrics_path, out.report_path = publish_report(cfg, metrics, history, classes)
+                heldout = HeldOut.open(cfg)
+                metrics = {**metrics, **heldout.run(model).as_json()}
+                classes = heldout.card.classes
+            out.metrics_path, out.report_path = publish_report(cfg, {**metrics, **phases.metrics()}, history, classes)
     return out
 
 
-def _uri(cfg: PretrainConfig, path: str) -> str:
+def checkpoint_uri(cfg: PretrainConfig, path: str) -> str:
     """A checkpoint path as users pass it on: Ray drops the scheme when it is handed a filesystem."""
     scheme, sep, _ = cfg.run.storage_path.partition("://")
     return f"{scheme}://{path}" if sep and "://" not in path else path

@@ -4,12 +4,13 @@ Scheduler time is counted in reports (``training_iteration``): the training loop
 per eval interval, so ASHA's grace period and rungs are in eval intervals. Concurrency is
 capped by ``max_concurrent_trials`` because each trial's Train run must get all its workers at
 once and Ray Data inside them competes for the same CPUs (REFERENCE.md, "Tune + Train").
+The experiment state reaches the storage every ``STATE_SYNC_S`` (Ray's default is 5 minutes):
+that state is what ``--resume`` after a killed driver starts from.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,11 @@ from imp_platform.config.tune import AshaScheduler, PbtScheduler, SweepConfig, l
 from imp_platform.tune.check import check_sweep_acts
 from imp_platform.tune.results import SweepResult, collect_rows, write_report
 from imp_platform.tune.space import param_space
-from imp_platform.tune.trial import run_trial
+from imp_platform.tune.trial import num_reports, run_trial
 
 log = logging.getLogger(__name__)
 
-
-def num_reports(sweep: SweepConfig, base: PretrainConfig) -> int:
-    """How many times one trial reports: every ``run.eval_every`` steps and at the last step."""
-    return math.ceil(sweep.steps / min(base.run.eval_every, sweep.steps))
+STATE_SYNC_S = 10  # seconds between uploads of the experiment state (Tune snapshots it every >= 10 s)
 
 
 def build_scheduler(sweep: SweepConfig, base: PretrainConfig) -> Any:
@@ -43,15 +41,17 @@ def build_scheduler(sweep: SweepConfig, base: PretrainConfig) -> Any:
                                      grace_period=spec.grace_period, reduction_factor=spec.reduction_factor,
                                      brackets=spec.brackets, stop_last_trials=False)
     if isinstance(spec, PbtScheduler):
-        # TuneReportCallback forwards metrics only (Train keeps the checkpoints), so PBT finds no
-        # Tune checkpoint to clone and skips its exploit steps: trials run to the end as under fifo.
-        log.warning("pbt: Train V2 trials hand Tune metrics but no checkpoints, so PBT cannot exploit "
-                    "(it logs 'no checkpoint ... skip exploit'); prefer asha")
+        # Exploits start from the donor's checkpoint, whose shapes model.* keys fix: those are
+        # sampled once and inherited from the donor; the rest (mixing weights, lr, ...) are perturbed.
+        mutations = {key: value for key, value in param_space(sweep).items() if not key.startswith("model.")}
+        if not mutations:
+            raise ConfigError(f"scheduler pbt: every swept key ({', '.join(sweep.space)}) is a model.* key, which "
+                              "an exploit inherits from its donor; sweep something PBT can perturb (optim.lr, tasks...)")
         return tune.create_scheduler("pbt", time_attr="training_iteration",
                                      perturbation_interval=spec.perturbation_interval,
-                                     hyperparam_mutations=param_space(sweep),
+                                     hyperparam_mutations=mutations,
                                      quantile_fraction=spec.quantile_fraction,
-                                     resample_probability=spec.resample_probability)
+                                     resample_probability=spec.resample_probability, synch=spec.synch)
     return tune.create_scheduler("fifo")
 
 
@@ -67,14 +67,10 @@ def build_searcher(sweep: SweepConfig) -> Any:
 
 def storage_filesystem(sweep: SweepConfig) -> tuple[Any, str]:
     """(pyarrow filesystem or None, path inside it) for the sweep's storage (s3 with custom options)."""
-    if "://" not in sweep.storage_path or not sweep.storage_options:
-        return None, sweep.storage_path
-    import pyarrow.fs
+    from imp_platform.train.trainer import arrow_storage
 
-    from imp_platform.data.sources import filesystem
-
-    fs, inner = filesystem(sweep.storage_path, sweep.storage_options)
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), inner
+    inner, fs = arrow_storage(sweep.storage_path, sweep.storage_options)
+    return fs, inner
 
 
 def report_dir(sweep: SweepConfig) -> Path:
@@ -119,7 +115,8 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, base: PretrainConfig 
                 search_alg=build_searcher(sweep),
                 max_concurrent_trials=None if sweep.search.name == "random" else sweep.max_concurrent_trials,
             ),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=inner, storage_filesystem=fs),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=inner, storage_filesystem=fs,
+                                      sync_config=tune.SyncConfig(sync_period=STATE_SYNC_S)),
         )
     grid = tuner.fit()
     rows = collect_rows(grid, sweep)

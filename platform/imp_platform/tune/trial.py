@@ -1,19 +1,21 @@
 """One Tune trial = one Ray Train run of the pretraining loop (the Train V2 + Tune pattern).
 
 Tune only drives: the trial function turns the sampled values into a ``PretrainConfig``,
-builds the ``TorchTrainer`` with a ``TuneReportCallback`` (so every eval-interval report
-reaches the scheduler) and waits for it. The Train run is named after the trial id, so a
-restored trial continues its own Train run from its last checkpoint.
+builds the ``TorchTrainer`` with a ``SweepReportCallback`` and hands every eval-interval
+report, with a pointer to its Train checkpoint, to the scheduler (``tune/report.py``). The
+Train run is named after the trial id, so a restored trial continues its own Train run from its
+last checkpoint; a PBT exploit starts a new one from the donor's (``tune/lineage.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from imp_platform.config import ConfigError
 from imp_platform.config.train import PretrainConfig
-from imp_platform.config.tune import SweepConfig
+from imp_platform.config.tune import PbtScheduler, SweepConfig
 from imp_platform.tune.values import apply_values
 
 log = logging.getLogger(__name__)
@@ -83,15 +85,23 @@ def sampled_config(base: PretrainConfig, values: dict[str, Any], **run: Any) -> 
     return scale_stages(cfg, stage_factors(base, values, swept)) if cfg.agd.curriculum else cfg
 
 
+def num_reports(sweep: SweepConfig, base: PretrainConfig) -> int:
+    """How many times one trial reports: every ``run.eval_every`` steps and at the last step."""
+    return math.ceil(sweep.steps / min(base.run.eval_every, sweep.steps))
+
+
 def trial_config(base: PretrainConfig, values: dict[str, Any], sweep: SweepConfig, run_name: str) -> PretrainConfig:
     """The pretraining config one trial runs: sampled values on the sweep's step budget and resources.
 
     Checkpoints come with the evals only, so every report Tune sees carries the held-out metric
-    and the scheduler's time (reports) is counted in eval intervals.
+    and the scheduler's time (reports) is counted in eval intervals. Under PBT a trial keeps all
+    its checkpoints: an exploiting trial may start from any report's checkpoint of its donor
+    while the donor trains on.
     """
     res = sweep.resources
+    keep = num_reports(sweep, base) if isinstance(sweep.scheduler, PbtScheduler) else base.run.keep_checkpoints
     return sampled_config(
-        base, values, steps=sweep.steps, checkpoint_every=base.run.eval_every,
+        base, values, steps=sweep.steps, checkpoint_every=base.run.eval_every, keep_checkpoints=keep,
         num_workers=res.workers, cpus_per_worker=res.cpus_per_worker,
         use_gpu=res.use_gpu, name=run_name, storage_path=train_storage(sweep), storage_options=sweep.storage_options,
     )
@@ -103,16 +113,28 @@ def swept_values(config: dict[str, Any], sweep: SweepConfig) -> dict[str, Any]:
 
 
 def run_trial(config: dict[str, Any], *, base: PretrainConfig, sweep: SweepConfig) -> None:
-    """The Tune function trainable: build this trial's TorchTrainer and fit it."""
+    """The Tune function trainable: build this trial's TorchTrainer, fit it and report to Tune.
+
+    With a Tune checkpoint (a resumed trial, or a PBT exploit) the Train run starts where its
+    pointer says (``lineage.train_start``).
+    """
     from ray import tune
 
-    from imp_platform.train.trainer import build_trainer
-    from imp_platform.tune.report import SweepReportCallback
+    from imp_platform.train.trainer import build_trainer, checkpoint_uri
+    from imp_platform.tune.lineage import TrainPointer, read_pointer, train_start
+    from imp_platform.tune.report import SweepReportCallback, fit_and_report
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(base, swept_values(config, sweep), sweep, run_name=f"trial-{trial_id}")
-    log.info("trial %s: %s", trial_id, {k: config[k] for k in sweep.space if k in config})
-    build_trainer(cfg, callbacks=[SweepReportCallback(model_cost(cfg))]).fit()
+    run_name, resume_from = train_start(trial_id, read_pointer(tune.get_checkpoint()))
+    cfg = trial_config(base, swept_values(config, sweep), sweep, run_name=run_name)
+    log.info("trial %s (Train run %s%s): %s", trial_id, run_name, f" from {resume_from}" if resume_from else "",
+             {k: config[k] for k in sweep.space if k in config})
+    callback = SweepReportCallback(model_cost(cfg))
+
+    def pointer(metrics: dict[str, Any], path: str) -> TrainPointer:
+        return TrainPointer(trial_id, run_name, int(metrics["step"]), checkpoint_uri(cfg, path))
+
+    fit_and_report(build_trainer(cfg, callbacks=[callback], resume_from=resume_from), callback, pointer)
 
 
 def model_cost(cfg: PretrainConfig) -> dict[str, float]:
