@@ -97,7 +97,7 @@ def ray_local() -> Iterator[None]:
 
 @pytest.fixture
 def fresh_ray() -> Iterator[None]:
-    """A newly started local Ray for a test that needs every CPU for a long time (a sweep).
+    """A newly started local Ray for a test that needs every CPU for a long time (a sweep, PBT).
 
     Whatever earlier tests' runs left alive (an idle Train controller, a retrying run) dies with
     the old session instead of starving this test's placement groups. Afterwards the test's own

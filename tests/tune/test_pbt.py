@@ -22,7 +22,7 @@ def _restores(debug: Path) -> dict[str, tuple[int, str, float]]:
 
 
 @pytest.mark.slow
-def test_pbt_exploit_restarts_from_the_donors_checkpoint(ray_local, tiny_overrides, make_sweep, tmp_path):
+def test_pbt_exploit_restarts_from_the_donors_checkpoint(fresh_ray, tiny_overrides, make_sweep, tmp_path):
     from imp_platform.train.checkpoint import load_model
     from imp_platform.train.loop import _digest
     from imp_platform.tune.runner import run_sweep
@@ -43,7 +43,8 @@ def test_pbt_exploit_restarts_from_the_donors_checkpoint(ray_local, tiny_overrid
     result = run_sweep(sweep, base=base)
 
     rows = {row.trial_id: row for row in result.rows}
-    assert len(rows) == 2 and all(row.error is None and row.steps == EVERY * REPORTS for row in rows.values())
+    assert len(rows) == 2 and all(row.error is None and row.steps == EVERY * REPORTS for row in rows.values()), \
+        [(row.trial_id, row.error, row.steps) for row in rows.values()]
     restores = _restores(debug)
     exploits = {run: r for run, r in restores.items() if "-from-" in run}
     assert exploits, f"no exploit: restores {restores}"

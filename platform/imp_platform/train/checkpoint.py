@@ -185,8 +185,8 @@ def load_model(directory: str | Path) -> tuple[torch.nn.Module, Any]:
     """
     from imp_platform.model.io import CONFIG, WEIGHTS, load_pretrained
 
-    files = {p.name for p in Path(directory).iterdir()}
-    if TRAIN_STATE in files or not {CONFIG, WEIGHTS} <= files:
+    files = {p.name for p in Path(directory).iterdir()} if Path(directory).is_dir() else None
+    if files is not None and (TRAIN_STATE in files or not {CONFIG, WEIGHTS} <= files):
         verify_complete(directory)
     if is_sharded(directory):
         model, model_cfg = _consolidate(Path(directory))
