@@ -65,10 +65,10 @@ def test_cli_names_a_bad_key_and_exits_2() -> None:
 
 
 @pytest.mark.slow
-def test_two_bidirectional_rounds_run_end_to_end(tiny_overrides: list[str], tmp_path: Path) -> None:
-    """Real rounds (1 worker, 2 steps per run): roles alternate, every run leaves a model and its
-    held-out head metrics, and each run starts from its own role's previous model while learning
-    from the other role's latest."""
+def test_a_bidirectional_round_runs_end_to_end(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """A real round (1 worker, 2 steps per run): roles alternate, every run leaves a model and its
+    held-out head metrics, and the teacher continues from its own previous model while learning
+    from the student's latest (a second round would repeat this with the roles' next models)."""
     from imp_platform.config import validate
     from imp_platform.config.distill import DistillConfig
     from imp_platform.train.checkpoint import load_run_config
@@ -76,7 +76,7 @@ def test_two_bidirectional_rounds_run_end_to_end(tiny_overrides: list[str], tmp_
 
     small = [f"{role}.tasks.{task}.token_budget=384" for role, task in
              (("teacher", "video_cls"), ("teacher", "audio_cls"), ("student", "video_cls"))]
-    shipped = load_distill_config(SHIPPED, ["rounds=2", "bidirectional=true", "teacher_steps=2",
+    shipped = load_distill_config(SHIPPED, ["rounds=1", "bidirectional=true", "teacher_steps=2",
                                             "steps_per_round=2", *small])
     dc = validate(DistillConfig, {**shipped.model_dump(mode="json"),
                                   "base_overrides": [*tiny_overrides, "run.num_workers=1", "eval.report=false"]})
@@ -84,18 +84,18 @@ def test_two_bidirectional_rounds_run_end_to_end(tiny_overrides: list[str], tmp_
 
     rows = payload["rows"]
     assert [(r["round"], r["model"]) for r in rows] == [
-        (0, "teacher"), (1, "student"), (1, "teacher"), (2, "student"), (2, "teacher")]
+        (0, "teacher"), (1, "student"), (1, "teacher")]
     for row in rows:
         assert Path(row["checkpoint"], "pretrain.yaml").exists()
         assert 0 <= row["head_video_cls_top1"] <= 1 and 0 <= row["head_video_cls_ece"] <= 1
     assert all("head_audio_cls_top1" in r for r in rows if r["model"] == "teacher")
-    assert (payload["teacher"], payload["student"]) == (rows[4]["checkpoint"], rows[3]["checkpoint"])
+    assert (payload["teacher"], payload["student"]) == (rows[2]["checkpoint"], rows[1]["checkpoint"])
     assert json.loads((tmp_path / "comd" / "comd.json").read_text())["rows"] == rows
     assert (tmp_path / "comd" / "comd.png").exists()
 
     ckpt = [r["checkpoint"] for r in rows]
-    starts = [None, None, ckpt[0], ckpt[1], ckpt[2]]
-    teachers = [set(), {ckpt[0]}, {ckpt[1]}, {ckpt[2]}, {ckpt[3]}]
+    starts = [None, None, ckpt[0]]
+    teachers = [set(), {ckpt[0]}, {ckpt[1]}]
     for checkpoint, start, teacher in zip(ckpt, starts, teachers, strict=True):
         cfg = load_run_config(checkpoint)
         assert cfg.model.init_from == start
