@@ -105,3 +105,8 @@ def write_results(out: Path, name: str, results: dict[str, Any]) -> dict[str, An
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, sort_keys=False))
     return payload
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b to 3 decimals, or None when either side is missing (a benchmark part that did not run)."""
+    return round(a / b, 3) if a is not None and b else None

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from imp_platform.bench.common import write_results
+from imp_platform.bench.common import ratio, write_results
 from imp_platform.config.distill import DistillConfig, DistillRole
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,9 @@ def run(quick: bool, out: Path, teacher_steps: int | None = None, student_steps:
     summary = {
         "student_top1_distilled": students["distilled"]["top1"], "student_top1_alone": students["alone"]["top1"],
         "student_ece_distilled": students["distilled"]["ece"], "student_ece_alone": students["alone"]["ece"],
-        "top1_distilled_over_alone": _ratio(students["distilled"]["top1"], students["alone"]["top1"]),
-        "ece_distilled_over_alone": _ratio(students["distilled"]["ece"], students["alone"]["ece"]),
-        "wall_distilled_over_alone": _ratio(students["distilled"]["wall_s"], students["alone"]["wall_s"]),
+        "top1_distilled_over_alone": ratio(students["distilled"]["top1"], students["alone"]["top1"]),
+        "ece_distilled_over_alone": ratio(students["distilled"]["ece"], students["alone"]["ece"]),
+        "wall_distilled_over_alone": ratio(students["distilled"]["wall_s"], students["alone"]["wall_s"]),
         "student_labelled_fraction": STUDENT_LABELLED,
     }
     summary["distillation_wins"] = wins(summary)
@@ -113,9 +113,6 @@ def wins(summary: dict[str, Any]) -> bool:
     return (summary["student_top1_distilled"] > summary["student_top1_alone"]
             and summary["student_ece_distilled"] < summary["student_ece_alone"])
 
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
 
 
 def table(teacher: dict[str, Any], students: dict[str, dict[str, Any]]) -> str:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from imp_platform.bench.common import write_results
+from imp_platform.bench.common import ratio, write_results
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,12 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         "round0_steps": round0_steps, "steps_per_round": steps_per_round, "predict": sc.predict,
         "keep": sc.keep.model_dump(mode="json"), "heldout_metric": sc.heldout_metric,
         "rounds": rounds, "seed_only": seed_only,
-        "heldout_top1_final_over_round0": _ratio(last["heldout_top1"], first["heldout_top1"]),
-        "heldout_top1_final_over_seed_only": _ratio(last["heldout_top1"], seed_only["heldout_top1"]),
-        "kept_frac_final_over_round0": _ratio(last["kept_frac"], first["kept_frac"]),
+        "heldout_top1_final_over_round0": ratio(last["heldout_top1"], first["heldout_top1"]),
+        "heldout_top1_final_over_seed_only": ratio(last["heldout_top1"], seed_only["heldout_top1"]),
+        "kept_frac_final_over_round0": ratio(last["kept_frac"], first["kept_frac"]),
         "figure": str(out.with_suffix(".png")),
     }
     print(format_rounds(result))
     print(f"seed only, {seed_only['steps']} steps: held-out {sc.heldout_metric} {seed_only['heldout_top1']}")
     return write_results(out, "selftrain", summary)
 
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None

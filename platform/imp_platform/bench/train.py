@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from imp_platform.bench.common import write_results
+from imp_platform.bench.common import ratio, write_results
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,11 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
             arms[name] = _arm(name, [*common, *overrides], storage)
     base = arms["agd_moe"]
     ratios = {
-        "agd_vs_mixed_tokens_per_s": _ratio(base["tokens_per_s"], arms["mixed_moe"]["tokens_per_s"]),
-        "agd_vs_mixed_video_top1": _ratio(base["zeroshot_video_top1"], arms["mixed_moe"]["zeroshot_video_top1"]),
-        "moe_vs_dense_tokens_per_s": _ratio(base["tokens_per_s"], arms["agd_dense"]["tokens_per_s"]),
-        "moe_vs_dense_video_top1": _ratio(base["zeroshot_video_top1"], arms["agd_dense"]["zeroshot_video_top1"]),
-        "moe_vs_dense_params_per_token": _ratio(base["params_per_token"], arms["agd_dense"]["params_per_token"]),
+        "agd_vs_mixed_tokens_per_s": ratio(base["tokens_per_s"], arms["mixed_moe"]["tokens_per_s"]),
+        "agd_vs_mixed_video_top1": ratio(base["zeroshot_video_top1"], arms["mixed_moe"]["zeroshot_video_top1"]),
+        "moe_vs_dense_tokens_per_s": ratio(base["tokens_per_s"], arms["agd_dense"]["tokens_per_s"]),
+        "moe_vs_dense_video_top1": ratio(base["zeroshot_video_top1"], arms["agd_dense"]["zeroshot_video_top1"]),
+        "moe_vs_dense_params_per_token": ratio(base["params_per_token"], arms["agd_dense"]["params_per_token"]),
     }
     print(table(arms))
     growth = max((a["worker_pss_growth"] for a in arms.values() if "worker_pss_growth" in a), default=None)
@@ -107,7 +107,7 @@ def cpu_mfu(steps: int, overrides: list[str] | None = None) -> dict[str, Any]:
               f"over {mfu['gemm_gflops_per_s']:.1f} GEMM GFLOP/s on {mfu['threads']} thread(s))")
     demo = load_pretrain_config(None, overrides or [])
     doubled = step_mfu(demo, 2 * worker_threads(demo), steps)
-    out["two_threads_speedup"] = _ratio(doubled["train_gflops_per_s"], out[MFU_PRESETS[0]]["train_gflops_per_s"])
+    out["two_threads_speedup"] = ratio(doubled["train_gflops_per_s"], out[MFU_PRESETS[0]]["train_gflops_per_s"])
     print(f"{MFU_PRESETS[0]} step on {doubled['threads']} threads vs {worker_threads(demo)}: "
           f"{out['two_threads_speedup']}x")
     return out
@@ -123,9 +123,6 @@ def worker_memory(history: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     return {"worker_pss_mb_10pct": early["worker_pss_mb"], "worker_pss_mb_final": final["worker_pss_mb"],
             "worker_pss_growth": round(max(b / a for a, b in zip(early["worker_pss_mb"], final["worker_pss_mb"])), 3)}
 
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
 
 
 def table(arms: dict[str, dict[str, Any]]) -> str:
