@@ -11,6 +11,7 @@ import logging
 import sys
 
 from imp_platform.cli.common import job_exit_code
+from imp_platform.config.base import apply_overrides
 from imp_platform.infer.batch import format_summary, infer_config, run_inference
 
 
@@ -28,13 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="torch seed before every batch")
     parser.add_argument("--caption-max-len", type=int, default=None, help="most caption tokens")
     parser.add_argument("--beam-size", type=int, default=None, help="caption beams (1 = greedy)")
+    parser.add_argument("--storage-option", dest="storage", action="append", default=[], metavar="KEY=VALUE",
+                        help="s3fs option for an s3:// checkpoint and --out, e.g. endpoint_url=http://minio:9000")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     def run() -> None:
         cfg = infer_config(args.checkpoint, args.input, args.out, args.what, args.pipeline, args.overrides,
                            batch_size=args.batch_size, num_actors=args.num_actors, seed=args.seed,
-                           caption_max_len=args.caption_max_len, caption_beam_size=args.beam_size)
+                           caption_max_len=args.caption_max_len, caption_beam_size=args.beam_size,
+                           storage_options=apply_overrides({}, args.storage) if args.storage else None)
         print(format_summary(run_inference(cfg)))
 
     return job_exit_code(run)

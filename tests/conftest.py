@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Before Ray is imported (it reads this once): workers run this interpreter directly instead of
 # re-syncing the uv environment in a working-dir copy, as Ray does for a `uv run` driver.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray Train's controller collects reports, sees a finished or failed worker group, only when it polls
+# (every 2 s by default): the suite's short runs spend a second or two per run and per restart waiting.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Logical CPUs for local Ray: more than the 2 real cores, so fractional-CPU train workers
 # and Ray Data tasks can run side by side (see REFERENCE.md, "Ray 2.60 facts").
 RAY_TEST_CPUS = 4
@@ -121,16 +124,25 @@ def fresh_ray() -> Iterator[None]:
 def ray_head(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A real `ray start --head` with a dashboard for `ray job submit`; stopped afterwards.
 
-    The in-process Ray of ``ray_local`` is shut down first so the two never share a session.
+    The in-process Ray of ``ray_local`` is shut down first so the two never share a session. The head
+    gets a ``RAY_TMPDIR`` of its own, so afterwards exactly its processes are killed (`ray stop` would
+    stop every Ray of the user on this machine, other test runs' included).
     """
     import ray
+    from ray_session import ray_tmpdir
 
     ray.shutdown()
+    with ray_tmpdir() as ray_tmp:
+        yield from _ray_head(ray_tmp)
+
+
+def _ray_head(ray_tmp: Path) -> Iterator[dict[str, str]]:
     ray_bin = str(Path(sys.executable).parent / "ray")
     dash_port, gcs_port = free_port(), free_port()
     # The job driver runs `python ...` from the head's PATH: make that this project's venv.
     venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+           "RAY_TMPDIR": str(ray_tmp)}
     # `ray start` turns token auth on when ~/.ray/auth_token exists, but the job client only sends
     # the token with RAY_AUTH_MODE=token: mirror the head's decision for every client we start.
     token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
@@ -142,11 +154,8 @@ def ray_head(tmp_path: Path) -> Iterator[dict[str, str]]:
          "--disable-usage-stats"],
         check=True, env=env, capture_output=True, timeout=180,
     )
-    try:
-        wait_for_port(dash_port, timeout=60)
-        yield {"address": f"http://127.0.0.1:{dash_port}", "gcs": f"127.0.0.1:{gcs_port}", "ray": ray_bin, "env": env}
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    wait_for_port(dash_port, timeout=60)
+    yield {"address": f"http://127.0.0.1:{dash_port}", "gcs": f"127.0.0.1:{gcs_port}", "ray": ray_bin, "env": env}
 
 
 @pytest.fixture(scope="session")

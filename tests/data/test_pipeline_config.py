@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from imp_platform.config import ConfigError, validate
-from imp_platform.config.pipeline import DEFAULT_EXTENSIONS, EMBEDDED_PIPELINE, PipelineConfig, load_pipeline
+from imp_platform.config.pipeline import EMBEDDED_PIPELINE, PipelineConfig, load_pipeline
+from imp_platform.data import modalities
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = {"source": {"paths": "data/x"}, "output": {"path": "out"}, "video": {"buckets": [[8, 32, 32]]},
@@ -25,7 +26,7 @@ def test_embedded_default_loads_with_contract_settings() -> None:
     assert cfg.audio.sample_rate == 16000 and cfg.audio.n_mels == 128
     assert set(cfg.modalities.enabled) == {"video", "audio", "text", "image"}
     assert cfg.video.buckets and all(len(b) == 3 for b in cfg.video.buckets)
-    assert cfg.modalities.extensions == DEFAULT_EXTENSIONS
+    assert cfg.modalities.extensions == modalities.default_extensions()
 
 
 @pytest.mark.parametrize("name", ["video_text", "audio", "image_text"])

@@ -1,8 +1,11 @@
-"""Preprocess never loses the previous output. A run SIGKILLed after it has written part of its new files
-leaves the old manifest and every file it names whole (readers use only those); the next complete run
-commits a manifest with the same content as the first and removes every file it does not name.
+"""Preprocess never loses the previous output, and a killed one resumes per shard. A run SIGKILLed once it
+has written some shards in full leaves the old manifest and every file it names whole (readers use only
+those); the rerun reads only the other shards, keeps the killed run's files of the finished ones, commits
+a manifest with the same content as the uninterrupted first run and removes every file it does not name.
 
-Not covered: resuming a killed run (a rerun redoes the whole source), see pipeline.preprocess.
+"Same content": bucket names, row counts, shapes, columns, tokens per sample, skip counts and examples,
+samples read and kept, and the keys in the named files (each exactly once). Not: file names and row-group
+sizes, timing, Ray stats.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from imp_platform.data import manifest as manifest_io
+from imp_platform.data import resume
 from imp_platform.data.pipeline import load_preprocess_config, preprocess
+from imp_platform.data.sources import list_shards
 
-# Enough samples for several write tasks (each writes >= 128 rows): the kill lands between them.
-SAMPLES, SHARDS = 256, 4
+# Enough samples for several write tasks (each writes >= 128 rows): the kill lands between them,
+# when the first task has finished its shards and the rest are still being decoded.
+SAMPLES, SHARDS = 256, 8
 RUN_INDEPENDENT = ("skipped", "skipped_examples", "total_read", "kept", "samples_read", "skipped_files")
 
 
@@ -52,9 +58,15 @@ def _parquet_files(out: Path) -> set[str]:
     return {str(p.relative_to(out)) for p in out.glob("bucket=*/*.parquet")}
 
 
-def _kill_once_new_files_appear(shards: Path, out: Path, old: set[str]) -> set[str]:
+def _done_shards(out: Path, shards: Path) -> dict[str, resume.DoneShard]:
+    """The shards a killed run finished, as the rerun will find them."""
+    folders = list((out / resume.RESUME_DIR).glob("*"))
+    return resume.done_shards(str(out), str(folders[0]), list_shards(str(shards)).shards) if folders else {}
+
+
+def _kill_once_a_shard_is_done(shards: Path, out: Path, old: set[str]) -> set[str]:
     """Run `platform data preprocess` as a driver of this session's Ray (as `ray job submit` would) in its
-    own process group; SIGKILL the group as soon as the run has written a file of its own (Ray then
+    own process group; SIGKILL the group as soon as the run has written a shard in full (Ray then
     stops the dead driver's tasks and actors). Returns the files it had written by then."""
     import ray
 
@@ -65,19 +77,19 @@ def _kill_once_new_files_appear(shards: Path, out: Path, old: set[str]) -> set[s
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     try:
-        while not (new := _parquet_files(out) - old):
+        while not _done_shards(out, shards):
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"preprocess ended ({proc.returncode}) before writing anything:\n{proc.stderr.read()[-3000:]}")
+                pytest.fail(f"preprocess ended ({proc.returncode}) before finishing a shard:\n{proc.stderr.read()[-3000:]}")
             time.sleep(0.1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    return new
+    return _parquet_files(out) - old
 
 
 @pytest.mark.chaos
 @pytest.mark.slow
-def test_killed_preprocess_keeps_the_old_output_and_a_rerun_commits_the_same_dataset(
+def test_killed_preprocess_keeps_the_old_output_and_a_rerun_resumes_to_the_same_dataset(
         ray_local: None, shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "processed"
     first = preprocess(load_preprocess_config(None, str(shards), str(out), ["decode.num_actors=1"]))
@@ -85,17 +97,22 @@ def test_killed_preprocess_keeps_the_old_output_and_a_rerun_commits_the_same_dat
     keys = _keys(out, first)
     assert first["total_read"] == SAMPLES and len(keys) == first["kept"] > 0
 
-    partial = _kill_once_new_files_appear(shards, out, _parquet_files(out))
-    assert partial, "the kill must land after the new run has written files"
+    partial = _kill_once_a_shard_is_done(shards, out, _parquet_files(out))
     assert (out / manifest_io.MANIFEST_NAME).read_text() == committed, "the old manifest was touched"
     assert _keys(out, first) == keys, "the old dataset lost rows"
+    done = _done_shards(out, shards)
+    assert 0 < len(done) < SHARDS, f"the kill must land half way ({len(done)} of {SHARDS} shards done)"
+    resumed = {f["path"] for shard in done.values() for part in shard.report.buckets.values() for f in part.files}
 
     second = preprocess(load_preprocess_config(None, str(shards), str(out), ["decode.num_actors=1"]))
+    assert second["resumed_shards"] == len(done)
     assert _content(second) == _content(first)
     assert _keys(out, second) == keys, "samples lost or duplicated"
     named = {f["path"] for b in second["buckets"] for f in b["files"]}
-    assert _parquet_files(out) == named, "the first run's and the killed run's files must be gone"
+    assert resumed <= named and resumed <= partial, "the finished shards' files are the killed run's, kept"
+    assert _parquet_files(out) == named, "the first run's and the killed run's other files must be gone"
     assert not list(out.glob(f"{manifest_io.MANIFEST_NAME}{manifest_io.TMP_SUFFIX}*"))
+    assert not (out / resume.RESUME_DIR).exists()
 
 
 def test_manifest_write_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,7 +85,8 @@ def test_raw_shards_keep_every_good_sample_count_the_corrupt_one_and_repeat_exac
 
 @pytest.mark.slow
 def test_zero_shot_on_a_processed_split_matches_the_held_out_eval(trained_checkpoint, processed_root, ray_local,
-                                                                   tmp_path):
+                                                                   tmp_path, s3_server):
+    import s3fs
     import torch
 
     from imp_platform.eval.zeroshot import HeldOut, class_space, encode_prompts, text_space
@@ -110,6 +111,16 @@ def test_zero_shot_on_a_processed_split_matches_the_held_out_eval(trained_checkp
         expected = (text_space(model, feats.pooled["video"], "video") @ classes.T).argmax(-1).numpy()
     assert table.column("label").to_pylist() == feats.labels.tolist()  # the eval's order, row for row
     assert table.column("zeroshot_video").to_pylist() == expected.tolist()
+
+    # The same checkpoint on S3 (read with the config's storage_options) predicts the same
+    s3fs.S3FileSystem(**s3_server["storage_options"]).put(trained_checkpoint, "imp-test/ckpt", recursive=True)
+    remote = run_inference(infer_config("s3://imp-test/ckpt", str(split), str(tmp_path / "s3"), what="zeroshot",
+                                        batch_size=8, storage_options=s3_server["storage_options"]))
+    assert remote["checkpoint"] == "s3://imp-test/ckpt"
+    assert read_parts(tmp_path / "s3").equals(table)
+    with pytest.raises(FileNotFoundError, match="s3://imp-test/missing"):
+        run_inference(infer_config("s3://imp-test/missing", str(split), str(tmp_path / "none"), what="zeroshot",
+                                   storage_options=s3_server["storage_options"]))
 
 
 def export(folder: Path, **overrides) -> str:

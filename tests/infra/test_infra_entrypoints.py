@@ -23,6 +23,7 @@ VARIANTS = list(variants())
 # in the submitter pod: any of these would be interpreted there, not by the job.
 SHELL_SYNTAX = set(";&|$`<>(){}[]*?!~#'\"\\\n")
 SCRIPTS = {"preprocess": "jobs/preprocess.py", "pretrain": "jobs/pretrain.py", "tune": "jobs/tune.py"}
+PROD_GPU_MEM_GB = 80  # the prod GPU pods' GPUs (infra/kuberay/overlays/prod: 8 x 80 GiB per pod)
 
 
 def _jobs(variant: str, component: str) -> list[dict]:
@@ -64,8 +65,32 @@ def test_pretrain_entrypoint_is_a_valid_gpu_run_that_fits_the_cluster(variant):
     assert cfg.run.storage_path.startswith("s3://") and cfg.data.root.startswith("s3://"), \
         "checkpoints and data must outlive the ephemeral cluster"
     capacity = gpu_capacity(the_cluster(rendered(variant))["spec"])
-    assert 1 <= cfg.run.num_workers <= capacity, \
+    assert 1 <= cfg.run.min_workers <= cfg.run.max_workers <= capacity, \
         f"{cfg.run.num_workers} GPU workers never fit {capacity} GPUs: the job would wait forever"
+
+
+def test_prod_trains_imp_moe_b_that_fits_its_gpus():
+    """prod runs the real IMP-MoE-B recipe (the B preset with its 16 experts, FSDP + expert parallel), and
+    `platform model plan` says a micro-batch of its largest token budget fits the prod GPUs at the most
+    workers the run uses."""
+    from typer.testing import CliRunner
+
+    from imp_platform.cli import app
+    from imp_platform.config.train import load_pretrain_config
+
+    argv = entrypoint_argv(_job("prod", "pretrain"))
+    assert option_value(argv, "--config") == "jobs/configs/imp_moe_b.yaml"
+    cfg = load_pretrain_config(REPO / option_value(argv, "--config"), option_values(argv, "--set"))
+    assert (cfg.model.preset, cfg.model.moe, cfg.model.overrides) == ("base", True, {})
+    assert cfg.parallel.data == "fsdp" and cfg.parallel.expert > 1 and cfg.run.elastic
+    assert all(task.global_token_budget for task in cfg.tasks.values()), "the recipe is its global batch"
+    tokens = max(task.token_budget for task in cfg.tasks.values())
+    args = ["model", "plan", "--preset", "base", "--moe", "--gpus", str(cfg.run.max_workers),
+            "--gpu-mem-gb", str(PROD_GPU_MEM_GB), "--expert", str(cfg.parallel.expert),
+            "--tokens-per-gpu", str(tokens), "--parallel", "fsdp+ep"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"fits (under 90% of {PROD_GPU_MEM_GB} GiB): fsdp+ep" in result.output
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

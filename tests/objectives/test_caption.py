@@ -69,8 +69,45 @@ def test_caption_task_trains_decoder_and_encoder_from_one_forward(with_nce: bool
     out.loss.backward()
     assert set(out.parts) >= {"caption", *(["nce"] if with_nce else [])}
     assert model.decoder.embed.weight.grad is not None and model.embed.vision.proj.weight.grad is not None
-    # Caption-only tasks do not run the text encoder: its embedding gets no gradient.
-    assert (model.embed.text.weight.grad is not None) == with_nce
+    # With a decoder, text is embedded by its unimodal layers (CoCa), never by the encoder's text path.
+    assert model.embed.text.weight.grad is None
+
+
+def test_nce_text_side_is_the_decoders_unimodal_final_token() -> None:
+    import numpy as np
+
+    from imp_platform.config.model import ModelConfig
+    from imp_platform.model import build_model
+    from imp_platform.model.presets import preset
+    from imp_platform.objectives import nce_loss
+    from imp_platform.train.tasks import run_task
+
+    data = preset("tiny").model_dump()
+    data["decoder"] = {"enabled": True, "unimodal_depth": 1, "multimodal_depth": 1}
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**data)).eval()  # no dropout; gradients still flow
+    rng = np.random.default_rng(0)
+    lengths = np.array([4, 6, 2])
+    mask = np.arange(6)[None] < lengths[:, None]
+    batch = {"video": rng.integers(0, 255, (3, 4, 16, 16, 3), dtype=np.uint8),
+             "text_ids": rng.integers(2, 30, (3, 6)).astype(np.int32) * mask, "text_mask": mask}
+    out = run_task(model, "cap", caption_config([{"kind": "nce"}]).tasks["cap"], batch, torch.device("cpu"))
+
+    dec = model.decoder  # by hand: [BOS] + caption through the unimodal layer, normed, at the last real token
+    ids = torch.cat([torch.full((3, 1), dec.bos_id), torch.as_tensor(batch["text_ids"]).long()], dim=1)
+    x = dec.blocks[0](dec.embed(ids) + dec.positions[:7], None, None, None, 0)
+    text = dec.text_norm(x)[torch.arange(3), torch.as_tensor(lengths)]
+    encoded = model.encode("text", torch.as_tensor(batch["text_ids"]).long(), mask=torch.as_tensor(mask))
+    assert torch.allclose(encoded.pooled, text, atol=1e-6)
+    video = model.encode("video", torch.as_tensor(batch["video"]).float() / 255).pooled
+    expected = nce_loss(model.project(video, "video", "text"), model.project(text, "text", "video"),
+                        model.temperature("video", "text"))
+    assert float(out.parts["nce"]) == pytest.approx(float(expected), rel=1e-5)
+
+    out.loss.backward()
+    assert dec.blocks[0].attn.qkv.weight.grad.abs().sum() > 0 and dec.embed.weight.grad.abs().sum() > 0
+    assert dec.blocks[1].attn.qkv.weight.grad is None  # the multimodal layers are the captioner's
+    assert model.embed.text.weight.grad is None  # the encoder's text path is unused with a decoder
 
 
 def test_caption_objective_config_errors_name_the_field() -> None:

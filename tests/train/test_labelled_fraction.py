@@ -68,6 +68,9 @@ def test_bench_student_sees_the_same_few_labels_with_and_without_the_teacher() -
     fractions = {run["video_cls"]["labelled_fraction"] for run in (alone, distilled)}
     assert fractions == {STUDENT_LABELLED} and STUDENT_LABELLED < 1
     assert {t["labelled_fraction"] for t in role_tasks(dc.teacher, dc).values()} == {1.0}
+    other = bench_config("/tmp/unused", 2, 2, [], labelled=0.5, temperature=1.0)
+    (objective,) = role_tasks(other.student, other, "/ckpt/teacher", other.teacher)["video_cls"]["objectives"]
+    assert objective["temperature"] == 1.0 and other.student.tasks["video_cls"].labelled_fraction == 0.5
     scores = {"student_top1_distilled": 0.8, "student_top1_alone": 0.6, "student_ece_distilled": 0.05,
               "student_ece_alone": 0.2}
     assert wins(scores) and not wins({**scores, "student_ece_distilled": 0.3})

@@ -8,9 +8,10 @@ import torch
 
 from imp_platform.config import ConfigError, validate
 from imp_platform.config.train import TaskConfig
+from imp_platform.data.modalities import modality
 from imp_platform.model import build_model
 from imp_platform.model.presets import preset
-from imp_platform.train.tasks import COLUMNS, run_task, task_columns, tokens_per_sample
+from imp_platform.train.tasks import run_task, task_columns, tokens_per_sample
 
 SHAPES = {"video": [4, 32, 48, 3], "audio_mel": [50, 128], "text_ids": [7]}
 
@@ -60,8 +61,8 @@ def _kept_by_encoder(model, task: TaskConfig) -> dict[str, int]:
 def test_budget_and_encoder_follow_per_modality_rates(model, modalities, drop_token, rates) -> None:
     task = _task(modalities, drop_token)
     assert {m: task.drop_rate(m) for m in modalities} == rates
-    expected = {m: model.num_tokens(m, SHAPES[COLUMNS[m][0]], rates[m]) for m in modalities}
-    full = {m: model.num_tokens(m, SHAPES[COLUMNS[m][0]]) for m in modalities}
+    expected = {m: model.num_tokens(m, SHAPES[modality(m).column], rates[m]) for m in modalities}
+    full = {m: model.num_tokens(m, SHAPES[modality(m).column]) for m in modalities}
     for m in modalities:  # a rate of r keeps about (1 - r) of the patches (plus the aggregation token)
         assert expected[m] < full[m] if rates[m] else expected[m] == full[m]
     model.train()

@@ -36,10 +36,10 @@ def gemm_flops_per_s(threads: int, size: int = GEMM_SIZE, repeats: int = 5) -> f
 
 def task_step_flops(model_cfg: Any, task: TaskConfig, shapes: dict[str, list[int]], batch: int) -> float:
     """Training FLOPs of one micro-batch of ``batch`` samples of ``task`` (stored per-sample ``shapes``)."""
+    from imp_platform.data import modalities as registry
     from imp_platform.model.flops import sample_train
-    from imp_platform.train.tasks import COLUMNS
 
-    return batch * sum(sample_train(model_cfg, m, shapes[COLUMNS[m][0]], task.drop_rate(m)) for m in task.modalities)
+    return batch * sum(sample_train(model_cfg, m, shapes[registry.modality(m).column], task.drop_rate(m)) for m in task.modalities)
 
 
 def _task_weights(cfg: PretrainConfig, coverage: float) -> dict[str, float]:
@@ -80,7 +80,7 @@ def step_mfu(cfg: PretrainConfig, threads: int, steps: int, coverage: float = 0.
     optimizer = build_optimizer(model, cfg.optim)
     datasets = {s: ProcessedDataset.open(cfg.data.processed_path(s), storage_options=cfg.data.storage_options)
                 for s in {t.split for t in cfg.tasks.values()}}
-    world = cfg.run.num_workers or 1
+    world = cfg.run.max_workers or 1
     plans = plan_buckets(cfg, model, datasets, world)  # one worker's batches of a `world`-worker run
     streams = Streams(cfg, datasets, plans, rank=0, world_size=world)
     tasks: dict[str, dict[str, float]] = {}

@@ -28,15 +28,19 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[Optional[int], typer.Option("--seed", help="Torch seed before every batch.")] = None,
         caption_max_len: Annotated[Optional[int], typer.Option("--caption-max-len", help="Most caption tokens.")] = None,
         beam_size: Annotated[Optional[int], typer.Option("--beam-size", help="Caption beams (1 = greedy).")] = None,
+        storage: Annotated[Optional[list[str]], typer.Option("--storage-option", help=(
+            "s3fs option for an s3:// checkpoint and --out, e.g. endpoint_url=http://minio:9000 (repeatable)."))] = None,
     ) -> None:
         """Embeddings, zero-shot / head predictions and captions for every good sample, as parquet."""
         import logging
 
+        from imp_platform.config.base import apply_overrides
         from imp_platform.infer.batch import format_summary, infer_config, run_inference
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         with user_errors():
             summary = run_inference(infer_config(checkpoint, input, out, what, pipeline, overrides,
                                                  batch_size=batch_size, num_actors=num_actors, seed=seed,
-                                                 caption_max_len=caption_max_len, caption_beam_size=beam_size))
+                                                 caption_max_len=caption_max_len, caption_beam_size=beam_size,
+                                                 storage_options=apply_overrides({}, storage) if storage else None))
         typer.echo(format_summary(summary))

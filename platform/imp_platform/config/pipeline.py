@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from imp_platform.config.base import StrictModel, load_config
+from imp_platform.data import modalities as registry
 
-Modality = Literal["video", "audio", "text", "image"]
-MODALITIES: tuple[str, ...] = ("video", "audio", "text", "image")
 
-DEFAULT_EXTENSIONS: dict[str, list[str]] = {
-    "video": ["mp4", "webm", "mkv", "avi", "mov"],
-    "audio": ["wav", "flac", "mp3", "ogg", "opus", "m4a"],
-    "text": ["txt", "json"],
-    "image": ["jpg", "png", "webp"],
-}
+def _known_source(name: str) -> str:
+    if name not in registry.SOURCES:
+        raise ValueError(f"unknown modality {name!r}; expected one of {tuple(registry.SOURCES)}")
+    return name
+
+
+# A raw-member modality (``modalities.SOURCES``: video, audio, text, image, or a registered one).
+Modality = Annotated[str, AfterValidator(_known_source)]
 
 EMBEDDED_PIPELINE = Path(__file__).resolve().parents[3] / "pipelines" / "moving_digits.yaml"
 
@@ -54,15 +55,15 @@ class OutputConfig(StrictModel):
 class ModalitiesConfig(StrictModel):
     """Which modalities to decode, which a sample must have, and which tar extensions mean what."""
 
-    enabled: list[Modality] = Field(default_factory=lambda: list(MODALITIES), min_length=1)
+    enabled: list[Modality] = Field(default_factory=lambda: list(registry.SOURCES), min_length=1)
     required: list[Modality] = Field(default_factory=list)
-    extensions: dict[Modality, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_EXTENSIONS.items()})
+    extensions: dict[Modality, list[str]] = Field(default_factory=registry.default_extensions)
     audio_from_video: bool = False  # use the video's own audio track when no audio member exists
 
     @field_validator("extensions")
     @classmethod
     def _normalise_extensions(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
-        merged = {k: list(v) for k, v in DEFAULT_EXTENSIONS.items()}
+        merged = registry.default_extensions()
         owner: dict[str, str] = {}
         for modality, exts in value.items():
             merged[modality] = [e.lower().lstrip(".") for e in exts]

@@ -17,9 +17,12 @@ from pydantic import Field, model_validator
 
 from imp_platform.config.base import ConfigError, StrictModel, load_config
 from imp_platform.config.train import CurriculumStage, ModelSpec, TaskConfig
+from imp_platform.data import modalities as registry
 
-# An infer output with a class and a score: zero-shot towards text, or a classification head.
-PREDICTION = re.compile(r"^(zeroshot_(video|image|audio_mel|audio_wave)|head_\w+)$")
+
+def is_prediction(column: str) -> bool:
+    """An infer output with a class and a score: zero-shot of a non-text modality towards text, or a classification head."""
+    return column in {f"zeroshot_{m}" for m in registry.media()} or re.fullmatch(r"head_\w+", column) is not None
 
 
 class KeepFilter(StrictModel):
@@ -61,7 +64,7 @@ class SelfTrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> SelfTrainConfig:
-        if not PREDICTION.match(self.predict):
+        if not is_prediction(self.predict):
             raise ValueError(f"predict: {self.predict!r} is not zeroshot_<modality> or head_<task>")
         if self.seed_split == self.unlabeled_split:
             raise ValueError(f"seed_split and unlabeled_split are both {self.seed_split!r}")

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from imp_platform.config.base import ConfigError, StrictModel, load_config
+from imp_platform.data import modalities as registry
 
-MODALITIES = ("video", "image", "audio_mel", "audio_wave", "text")
-Modality = Literal["video", "image", "audio_mel", "audio_wave", "text"]
-ObjectiveKind = Literal["nce", "mil_nce", "classification", "distill", "caption"]
+
+def _known_modality(name: str) -> str:
+    return registry.modality(name).name  # a clear error for an unknown name
+
+
+# An encoder modality (``modalities.MODALITIES``: video, image, audio_mel, audio_wave, text, or a registered one).
+Modality = Annotated[str, AfterValidator(_known_modality)]
 
 
 class SynthSpec(StrictModel):
@@ -76,51 +81,46 @@ class ModelSpec(StrictModel):
         return self
 
 
-DISTILL_DEFAULTS: dict[str, Any] = {"temperature": 2.0, "alpha": 0.5, "features": False, "teacher_heads": {}}
+class _Objective(StrictModel):
+    """Fields every objective kind takes."""
 
-
-class ObjectiveSpec(StrictModel):
-    kind: ObjectiveKind
+    kind: str  # each kind's class narrows it to its Literal: the union's discriminator
     weight: float = Field(1.0, ge=0)
-    # kind: distill only (None elsewhere, so a dumped config reloads): the frozen teacher (a run
-    # checkpoint or an exported model dir, local or s3://), the modalities it sees (their logits,
-    # or common-space features, are averaged), the teacher head per modality ({} = its only head),
-    # softmax temperature T, the KL share alpha (loss = alpha*T^2*KL + (1-alpha)*CE) and
-    # features=true for a cosine distance between common-space features instead of the KL.
-    teacher: str | None = None
-    teacher_modalities: list[Modality] | None = Field(None, min_length=1)
-    teacher_heads: dict[Modality, str] | None = None
-    temperature: float | None = Field(None, gt=0)
-    alpha: float | None = Field(None, ge=0, le=1)
-    features: bool | None = None
+
+    @property
+    def uses_labels(self) -> bool:
+        """Whether the task's batches need the label column (classification; distill's CE part)."""
+        return self.kind in ("classification", "distill")
+
+
+class ContrastiveObjective(_Objective):
+    """Symmetric InfoNCE between the task's two modalities (mil_nce: against every caption of a clip)."""
+
+    kind: Literal["nce", "mil_nce"]
+
+
+class ClassificationObjective(_Objective):
+    """Cross-entropy of the task's class head on its first modality."""
+
+    kind: Literal["classification"]
+
+
+class DistillObjective(_Objective):
+    """Learn from a frozen teacher: loss = alpha*T^2*KL + (1-alpha)*CE, or a feature distance."""
+
+    kind: Literal["distill"]
+    teacher: str  # a run checkpoint or an exported model dir, local or s3://
+    teacher_modalities: list[Modality] = Field(min_length=1)  # their logits (or features) are averaged
+    teacher_heads: dict[Modality, str] = Field(default_factory=dict)  # teacher head per modality ({} = its only head)
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)  # the KL's share
+    features: bool = False  # a cosine distance between common-space features instead of the KL
     # The teacher's fused logits stored in this processed column (``platform precompute-teacher``)
     # instead of a teacher forward per step; None = run the teacher.
     teacher_column: str | None = None
-    # kind: caption only (None elsewhere = 0): label smoothing of the captioning cross-entropy.
-    label_smoothing: float | None = Field(None, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _caption_fields(self) -> ObjectiveSpec:
-        if self.kind != "caption" and self.label_smoothing is not None:
-            raise ValueError(f"label_smoothing: only a caption objective takes it (this one is {self.kind})")
-        return self
-
-    @model_validator(mode="before")
-    @classmethod
-    def _distill_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("kind") == "distill":
-            return {**DISTILL_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
-        return data
-
-    @model_validator(mode="after")
-    def _distill_fields(self) -> ObjectiveSpec:
-        if self.kind != "distill":
-            for name in ("teacher", "teacher_modalities", "teacher_column", *DISTILL_DEFAULTS):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"{name}: only a distill objective takes it (this one is {self.kind})")
-            return self
-        if not self.teacher or not self.teacher_modalities:
-            raise ValueError("a distill objective needs teacher (a checkpoint or model dir) and teacher_modalities")
+    def _teacher_outputs(self) -> DistillObjective:
         if self.features and self.teacher_column:
             raise ValueError("teacher_column: stored teacher outputs are logits; features: true needs the teacher")
         if "text" in self.teacher_modalities:
@@ -129,10 +129,38 @@ class ObjectiveSpec(StrictModel):
             raise ValueError(f"teacher_heads: {sorted(unknown)} not among teacher_modalities {self.teacher_modalities}")
         return self
 
-    @property
-    def uses_labels(self) -> bool:
-        """Whether the task's batches need the label column (classification; distill's CE part)."""
-        return self.kind in ("classification", "distill")
+
+class CaptionObjective(_Objective):
+    """CoCa captioning cross-entropy of the decoder on the task's text."""
+
+    kind: Literal["caption"]
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+OBJECTIVES: dict[str, type[_Objective]] = {
+    kind: cls for cls in (ContrastiveObjective, ClassificationObjective, DistillObjective, CaptionObjective)
+    for kind in get_args(cls.model_fields["kind"].annotation)}
+
+
+def _objective_fields(data: Any) -> Any:
+    """Before the union picks a class by ``kind``: null means unset (the flat objective spec that
+    checkpoints saved before the split wrote every kind's field, null where unused), and a field of
+    another kind is refused naming the kind that takes it."""
+    if not isinstance(data, dict) or data.get("kind") not in OBJECTIVES:
+        return data
+    data = {k: v for k, v in data.items() if v is not None}
+    own = OBJECTIVES[data["kind"]].model_fields
+    for key in data:
+        owners = sorted({k for k, cls in OBJECTIVES.items() if key in cls.model_fields} - {data["kind"]})
+        if key not in own and owners:
+            raise ValueError(f"{key}: only a {' or '.join(owners)} objective takes it (this one is {data['kind']})")
+    return data
+
+
+ObjectiveSpec = Annotated[
+    Annotated[ContrastiveObjective | ClassificationObjective | DistillObjective | CaptionObjective,
+              Field(discriminator="kind")],
+    BeforeValidator(_objective_fields)]
 
 
 class TaskConfig(StrictModel):
@@ -168,7 +196,7 @@ class TaskConfig(StrictModel):
                 raise ValueError(f"{obj.kind} runs on the first modality, which must not be text")
             if obj.kind == "caption" and (len(self.modalities) != 2 or self.modalities[1] != "text"
                                           or self.modalities[0] == "text"):
-                raise ValueError(f"caption needs modalities [<video|image|audio>, text], got {self.modalities}")
+                raise ValueError(f"caption needs modalities [<{'|'.join(registry.media())}>, text], got {self.modalities}")
         return self
 
     @field_validator("drop_token")
@@ -258,7 +286,12 @@ class RunConfig(StrictModel):
     name: str = "pretrain"
     storage_path: str = "runs/ray"
     storage_options: dict[str, Any] | None = None
-    num_workers: int = Field(2, ge=0)  # 0 = Ray Train local mode (one process, no actors, no checkpoints kept)
+    # A count (0 = Ray Train local mode: one process, no actors, no checkpoints kept) or an elastic
+    # range [min, max]: the run starts on as many workers as the cluster holds (up to max), continues
+    # on fewer (down to min) from its last checkpoint when a node goes, and grows back when capacity
+    # returns (checked every ``elastic_resize_every``); sharded checkpoints reshard to the new count.
+    num_workers: int | tuple[int, int] = 2
+    elastic_resize_every: str = "60s"  # how often an elastic run looks for capacity to grow into
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int | None = None  # None = max(1, floor(cpus_per_worker))
     use_gpu: bool = False
@@ -296,6 +329,37 @@ class RunConfig(StrictModel):
     def checkpoint_seconds(self) -> float | None:
         """The checkpoint interval in seconds, or None when it is a step count."""
         return None if isinstance(self.checkpoint_every, int) else interval_seconds(self.checkpoint_every)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_count_or_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError(f"a worker count must be >= 0, got {value}")
+        elif not 1 <= value[0] <= value[1]:
+            raise ValueError(f"an elastic range [min, max] needs 1 <= min <= max, got {list(value)}")
+        return value
+
+    @field_validator("elastic_resize_every")
+    @classmethod
+    def _resize_interval(cls, value: str) -> str:
+        interval_seconds(value)
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        """Whether ``num_workers`` is a [min, max] range (Ray Train's elastic scaling)."""
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run uses (the count itself when fixed)."""
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run continues on (the count itself when fixed)."""
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
 class ParallelConfig(StrictModel):
@@ -340,8 +404,8 @@ class PretrainConfig(StrictModel):
         data = self.data.model_copy(update={"root": fix(self.data.root), "pipeline": fix(self.data.pipeline),
                                             "tokenizer": fix(self.data.tokenizer)})
         tasks = {name: task.model_copy(update={"objectives": [
-            o.model_copy(update={"teacher": fix(o.teacher)}) for o in task.objectives]})
-            for name, task in self.tasks.items()}
+            o.model_copy(update={"teacher": fix(o.teacher)}) if isinstance(o, DistillObjective) else o
+            for o in task.objectives]}) for name, task in self.tasks.items()}
         return self.model_copy(update={
             "data": data, "tasks": tasks,
             "model": self.model.model_copy(update={"init_from": fix(self.model.init_from)}),
@@ -358,6 +422,10 @@ class PretrainConfig(StrictModel):
             unknown = set(stage.weights) - set(self.tasks)
             if unknown:
                 raise ValueError(f"agd.curriculum stage at {stage.start} names unknown tasks {sorted(unknown)}")
+        if self.run.elastic and self.parallel.expert > 1 and (self.run.min_workers % self.parallel.expert
+                                                              or self.run.max_workers % self.parallel.expert):
+            raise ValueError(f"run.num_workers: both ends of the elastic range {list(self.run.num_workers)} must be "
+                             f"multiples of parallel.expert={self.parallel.expert}")
         if self.run.eval_every > self.run.steps:
             self.run.eval_every = self.run.steps
         if self.run.checkpoint_steps and self.run.checkpoint_steps > self.run.steps:

@@ -11,10 +11,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from imp_platform.config.pipeline import PatchConfig
+from imp_platform.data import modalities as registry
 
-# Short, stable tags used in bucket names, in naming order.
-_NAME_TAGS: dict[str, str] = {"video": "v", "image": "i", "audio_mel": "a", "audio_wave": "w", "text_ids": "t"}
-TOKEN_COLUMNS = tuple(_NAME_TAGS)  # the processed columns that become encoder tokens (and name buckets)
 _ASPECT_EPS = 1e-6
 
 
@@ -126,45 +124,32 @@ def pick_text_length(num_tokens: int, lengths: Sequence[int]) -> int:
 
 
 def bucket_name(shapes: Mapping[str, Sequence[int]]) -> str:
-    """Stable name from per-column shapes, e.g. ``v8x32x48_a128x128_t16`` (channel dims omitted)."""
-    parts = []
-    for column, tag in _NAME_TAGS.items():
-        if column in shapes:
-            dims = list(shapes[column])
-            if column in ("video", "image") and dims and dims[-1] == 3:
-                dims = dims[:-1]
-            parts.append(tag + "x".join(str(int(d)) for d in dims))
-    unknown = sorted(set(shapes) - set(_NAME_TAGS))
+    """Stable name from per-column shapes, e.g. ``v8x32x48_a128x128_t16``: registry tags in registry
+    order, a trailing RGB dim of pixel columns omitted."""
+    unknown = sorted(c for c in shapes if registry.of_column(c) is None)
     if unknown:
         raise ValueError(f"no bucket-name tag for columns {unknown}")
+    parts = []
+    for spec in registry.MODALITIES.values():
+        if spec.column in shapes:
+            dims = list(shapes[spec.column])
+            if spec.dtype == "uint8" and dims and dims[-1] == 3:
+                dims = dims[:-1]
+            parts.append(spec.tag + "x".join(str(int(d)) for d in dims))
     return "_".join(parts)
 
 
 def modality_tokens(column: str, shape: Sequence[int], patches: PatchConfig) -> int:
-    """Tokens one sample of ``column`` becomes after patching (partial patches count as one)."""
-    ceil = lambda n, p: -(-int(n) // int(p))  # noqa: E731
-    if column == "video":
-        t, h, w = shape[:3]
-        pt, ph, pw = patches.video
-        return ceil(t, pt) * ceil(h, ph) * ceil(w, pw)
-    if column == "image":
-        h, w = shape[:2]
-        ph, pw = patches.image
-        return ceil(h, ph) * ceil(w, pw)
-    if column == "audio_mel":
-        f, m = shape[:2]
-        pf, pm = patches.audio_mel
-        return ceil(f, pf) * ceil(m, pm)
-    if column == "audio_wave":
-        return ceil(shape[0], patches.audio_wave)
-    if column in ("text_ids", "text"):
-        return int(shape[0])
-    raise ValueError(f"unknown column {column!r} for token counting")
+    """Tokens one sample of ``column`` (or modality name) becomes after patching (partial patches count as one)."""
+    spec = registry.of_column(column) or registry.MODALITIES.get(column)
+    if spec is None:
+        raise ValueError(f"unknown column {column!r} for token counting")
+    return math.prod(spec.grid(shape, spec.data_patch(patches), ceil=True))
 
 
 def tokens_per_sample(shapes: Mapping[str, Sequence[int]], patches: PatchConfig) -> int:
     """All tokens of one sample across its tensor columns (``text_mask`` and scalars are not tokens)."""
-    return sum(modality_tokens(c, s, patches) for c, s in shapes.items() if c in _NAME_TAGS)
+    return sum(modality_tokens(c, s, patches) for c, s in shapes.items() if registry.of_column(c) is not None)
 
 
 def batch_size_for(tokens_per_sample: int, token_budget: int) -> int:

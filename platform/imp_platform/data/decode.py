@@ -13,6 +13,10 @@ the centred window it keeps (soundfile seeks, PyAV seeks and stops), a video who
 gives no frame count decodes at most ``UNCOUNTED_FRAME_CAP`` frames, absurd sample rates and
 channel counts are refused from the header, and ``time_limit`` bounds a whole sample.
 
+Whole samples: each source of the modality registry (``imp_platform.data.modalities``) is decoded by
+its chain of small named ops (``OPS``, added with ``@decode_op``), so a new modality adds an
+entry and, when no op fits, one op, without touching ``decode_sample``.
+
 Truncated video rule: a video cut short is kept when the frames it yields are real decoded
 frames. The clip samples the frames that exist (the last decoded frame repeats where the
 header promised more); a container that cannot be opened or yields no frame is
@@ -42,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from imp_platform.config.pipeline import AudioConfig, DatasetConfig, LimitsConfig, PipelineConfig
-from imp_platform.data import buckets, captions
+from imp_platform.data import buckets, captions, modalities
 
 # ---------------------------------------------------------------- errors
 
@@ -706,10 +710,12 @@ Candidates = list[tuple[str, Any]]  # (extension, member value) in the configure
 
 
 def split_members(sample: Mapping[str, Any], cfg: PipelineConfig) -> dict[str, Candidates]:
-    """Webdataset row (``__key__`` + extension -> value) -> modality -> its members, first listed extension first.
+    """Webdataset row (``__key__`` + extension -> value) -> source (``modalities.SOURCES``) -> its
+    members, first listed extension first.
 
-    Text members are always kept: their json carries the label and metadata even when
-    captions are not tokenized.
+    A source's members are read when it is enabled, when it is always read (text: its json carries
+    the label and metadata even when captions are not tokenized), or when they may carry the
+    soundtrack that ``modalities.audio_from_video`` asks for.
     """
     found: dict[str, Candidates] = {}
     for name, value in sample.items():
@@ -717,15 +723,18 @@ def split_members(sample: Mapping[str, Any], cfg: PipelineConfig) -> dict[str, C
             continue
         check_member_name(name)
         ext = name.rsplit(".", 1)[-1].lower()
-        modality = cfg.modalities.modality_of(ext)
-        wanted = modality in cfg.modalities.enabled or modality == "text" or (
-            modality == "video" and cfg.modalities.audio_from_video)
-        if modality is not None and wanted:
-            found.setdefault(modality, []).append((ext, value))
-    for modality, candidates in found.items():
-        order = cfg.modalities.extensions[modality]
+        source = cfg.modalities.modality_of(ext)
+        if source is not None and _wanted(modalities.SOURCES[source], cfg):
+            found.setdefault(source, []).append((ext, value))
+    for source, candidates in found.items():
+        order = cfg.modalities.extensions[source]
         candidates.sort(key=lambda c: order.index(c[0]))
     return found
+
+
+def _wanted(source: modalities.Source, cfg: PipelineConfig) -> bool:
+    return (source.name in cfg.modalities.enabled or source.always_read
+            or (source.feeds is not None and cfg.modalities.audio_from_video))
 
 
 def first_decodable(candidates: Candidates, decode_one: Callable[[str, Any], Any]) -> Any:
@@ -737,17 +746,6 @@ def first_decodable(candidates: Candidates, decode_one: Callable[[str, Any], Any
         except DecodeError as exc:
             errors.append(exc)
     raise errors[0]
-
-
-@dataclass(frozen=True)
-class _Video:
-    """A decoded video candidate: its bytes and extension (its soundtrack may be wanted), header, and
-    its clip at each bucket ``video.resolutions`` picks (none when video is not enabled)."""
-
-    ext: str
-    data: bytes
-    info: VideoInfo
-    clips: list[np.ndarray]
 
 
 def resize_clip(frames: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -774,25 +772,6 @@ def decode_clips(data: bytes, sizes: list[tuple[int, int, int]], cfg: PipelineCo
     return [by_frames[t] if by_frames[t].shape[1:3] == (h, w) else resize_clip(by_frames[t], h, w) for t, h, w in sizes]
 
 
-def _video(ext: str, data: bytes, cfg: PipelineConfig) -> _Video:
-    """Probe one video candidate and, when video is enabled, decode its clip at every bucket it goes to."""
-    info = probe_video(data, cfg.limits)
-    clips: list[np.ndarray] = []
-    if "video" in cfg.modalities.enabled:
-        sizes = buckets.pick_video_buckets(info.height, info.width, info.duration_s, cfg.video.buckets,
-                                           cfg.video.fps or info.fps or 1.0, cfg.bucket_policy.duration,
-                                           cfg.video.resolutions)
-        clips = decode_clips(data, sizes, cfg, info)
-    return _Video(ext, data, info, clips)
-
-
-def _audio(ext: str, data: bytes, cfg: PipelineConfig) -> dict[str, np.ndarray]:
-    """Decode the centred window of the longest clip bucket, then crop it to the bucket its duration picks."""
-    clip = decode_audio(data, ext, cfg.limits, max_seconds=max(cfg.audio.clip_seconds))
-    seconds = cfg.audio.clip_seconds[buckets.pick_duration(clip.duration_s, cfg.audio.clip_seconds, cfg.bucket_policy.duration)]
-    return audio_features(clip.wave, clip.rate, cfg.audio, seconds)
-
-
 def _text(annotation: Annotation, cfg: PipelineConfig, tokenizer: Any) -> dict[str, np.ndarray]:
     """Tokenize the first non-empty caption into its length bucket; none where text is required is ``empty_caption``.
 
@@ -815,59 +794,172 @@ def _text(annotation: Annotation, cfg: PipelineConfig, tokenizer: Any) -> dict[s
     return row
 
 
-def decode_sample(sample: Mapping[str, Any], cfg: PipelineConfig, tokenizer: Any = None) -> list[DecodedSample]:
-    """Decode every enabled modality of one webdataset sample into one row per bucket it goes to; raises ``DecodeError``.
+# ---------------------------------------------------------------- decode ops (composed per source)
 
-    One row, unless ``video.resolutions`` / ``image.resolutions`` write the clip or image at
-    several resolutions: then one row per resolution (``_views``), the other columns the same in
-    each. A row: key, label (int64, -1 = none), caption (the tokenized one, '' = none), meta (JSON
-    string of the other json fields), and one array per decoded tensor column.
+
+@dataclass
+class SampleState:
+    """What one sample's decode ops share: its config and tokenizer, the members still to decode
+    (an op may add candidates for a later source), and what was decoded so far."""
+
+    key: str
+    cfg: PipelineConfig
+    tokenizer: Any
+    members: dict[str, Candidates]
+    row: dict[str, Any]  # columns every row of the sample shares
+    views: dict[str, list[np.ndarray]] = field(default_factory=dict)  # column -> one array per resolution
+    decoded: set[str] = field(default_factory=set)  # sources that gave a member
+
+
+# What an op sees and returns: "source", "ext", "data" of one member, plus what earlier ops of the
+# chain added. A finished chain commits "row" (shared columns), "views" (column -> arrays, one row
+# each) and "members" (source -> candidates for a later source).
+Member = dict[str, Any]
+DecodeOp = Callable[[Member, SampleState], Member]
+OPS: dict[str, DecodeOp] = {}
+
+
+def decode_op(name: str) -> Callable[[DecodeOp], DecodeOp]:
+    """Register a decode op under ``name`` for ``Source.decode`` chains (big_vision's ``pp`` registry)."""
+
+    def register(op: DecodeOp) -> DecodeOp:
+        if name in OPS:
+            raise ValueError(f"decode op {name!r} is already registered")
+        OPS[name] = op
+        return op
+
+    return register
+
+
+def _enabled(member: Member, state: SampleState) -> bool:
+    return member["source"] in state.cfg.modalities.enabled
+
+
+@decode_op("annotation")
+def _annotation(member: Member, state: SampleState) -> Member:
+    """Caption member -> label (checked against the classes), caption and metadata."""
+    cfg = state.cfg
+    annotation = decode_text(member["data"], member["ext"], cfg.text.caption_key)
+    row = {"label": label_id(annotation.fields.get(cfg.dataset.label_key), class_index(cfg.dataset)),
+           "caption": annotation.caption, "meta": metadata(annotation, cfg.text.caption_key, cfg.dataset.label_key)}
+    return {**member, "annotation": annotation, "row": row}
+
+
+@decode_op("tokenize")
+def _tokenize(member: Member, state: SampleState) -> Member:
+    """The annotation's captions -> token columns, when text is enabled."""
+    if not _enabled(member, state):
+        return member
+    return {**member, "row": {**member["row"], **_text(member["annotation"], state.cfg, state.tokenizer)}}
+
+
+@decode_op("probe_video")
+def _probe_video(member: Member, state: SampleState) -> Member:
+    """Header checks; a soundtrack becomes the fed source's candidate (``modalities.audio_from_video``)."""
+    cfg = state.cfg
+    info = probe_video(member["data"], cfg.limits)
+    feeds = modalities.SOURCES[member["source"]].feeds
+    out = {**member, "info": info}
+    if feeds is not None and info.has_audio and cfg.modalities.audio_from_video and feeds in cfg.modalities.enabled:
+        out["members"] = {feeds: [(member["ext"], member["data"])]}
+    return out
+
+
+@decode_op("video_clips")
+def _video_clips(member: Member, state: SampleState) -> Member:
+    """The clip at every bucket ``video.resolutions`` picks, when video is enabled."""
+    if not _enabled(member, state):
+        return member
+    cfg, info = state.cfg, member["info"]
+    sizes = buckets.pick_video_buckets(info.height, info.width, info.duration_s, cfg.video.buckets,
+                                       cfg.video.fps or info.fps or 1.0, cfg.bucket_policy.duration, cfg.video.resolutions)
+    return {**member, "views": {member["source"]: decode_clips(member["data"], sizes, cfg, info)}}
+
+
+@decode_op("audio_features")
+def _audio_features(member: Member, state: SampleState) -> Member:
+    """Decode the centred window of the longest clip bucket, then crop it to the bucket its duration picks."""
+    audio, policy = state.cfg.audio, state.cfg.bucket_policy.duration
+    clip = decode_audio(member["data"], member["ext"], state.cfg.limits, max_seconds=max(audio.clip_seconds))
+    seconds = audio.clip_seconds[buckets.pick_duration(clip.duration_s, audio.clip_seconds, policy)]
+    return {**member, "row": audio_features(clip.wave, clip.rate, audio, seconds)}
+
+
+@decode_op("image_views")
+def _image_views(member: Member, state: SampleState) -> Member:
+    """One image at every bucket ``image.resolutions`` picks for its native size, in the source's column."""
+    cfg = state.cfg
+    sizes = buckets.pick_image_buckets(*probe_image(member["data"], cfg.limits), cfg.image.buckets, cfg.image.resolutions)
+    return {**member, "views": {member["source"]: decode_images(member["data"], sizes, cfg.limits)}}
+
+
+def _compose(source: modalities.Source, ext: str, data: Any, state: SampleState) -> Member:
+    """Run a source's ops in order on one member; nothing is committed unless all of them succeed."""
+    member: Member = {"source": source.name, "ext": ext, "data": data}
+    for name in source.decode:
+        if name not in OPS:
+            raise ValueError(f"source {source.name!r}: no decode op {name!r} (registered: {sorted(OPS)})")
+        member = OPS[name](member, state)
+    return member
+
+
+def _commit(member: Member, state: SampleState) -> None:
+    state.row.update(member.get("row", {}))
+    state.views.update(member.get("views", {}))
+    for source, candidates in member.get("members", {}).items():
+        state.members.setdefault(source, candidates)
+    state.decoded.add(member["source"])
+
+
+# ---------------------------------------------------------------- whole sample
+
+
+def _check_required(state: SampleState, present: set[str], members: list[str]) -> None:
+    missing = [m for m in state.cfg.modalities.required if m not in present]
+    if missing:
+        raise MissingModality(f"sample {state.key!r} has no {', '.join(missing)} member (has {members})")
+
+
+def decode_sample(sample: Mapping[str, Any], cfg: PipelineConfig, tokenizer: Any = None) -> list[DecodedSample]:
+    """Decode every enabled source of one webdataset sample into one row per bucket it goes to; raises ``DecodeError``.
+
+    Sources are decoded in registry order (text first: the label is checked before any media),
+    each by its composed ops on the first member that decodes. A sample lacking a required
+    member is skipped before anything is decoded (one that may come from a video's soundtrack
+    is checked once the video is probed). One row, unless ``video.resolutions`` /
+    ``image.resolutions`` write the clip or image at several resolutions: then one row per
+    resolution (``_views``), the other columns the same in each. A row: key, label (int64,
+    -1 = none), caption (the tokenized one, '' = none), meta (JSON string of the other json
+    fields), and one array per decoded tensor column.
     """
     key = str(sample.get("__key__", ""))
     check_member_name(key)
     members = split_members(sample, cfg)
-    row: dict[str, Any] = {"key": key, "label": -1, "caption": "", "meta": "{}"}
-    if "text" in members:  # the label is checked before any media is decoded
-        annotation = first_decodable(members["text"], lambda ext, data: decode_text(data, ext, cfg.text.caption_key))
-        row.update(label=label_id(annotation.fields.get(cfg.dataset.label_key), class_index(cfg.dataset)),
-                   caption=annotation.caption, meta=metadata(annotation, cfg.text.caption_key, cfg.dataset.label_key))
-        if "text" in cfg.modalities.enabled:
-            row.update(_text(annotation, cfg, tokenizer))
-    video = first_decodable(members["video"], lambda ext, data: _video(ext, data, cfg)) if "video" in members else None
-    audio_from_video = "audio" not in members and video is not None and video.info.has_audio and cfg.modalities.audio_from_video
-    present = {*members, *(["audio"] if audio_from_video else []), *(["text"] if "text_ids" in row else [])}
-    missing = [m for m in cfg.modalities.required if m not in present]
-    if missing:
-        raise MissingModality(f"sample {key!r} has no {', '.join(missing)} member (has {sorted(members)})")
-    if "audio" in cfg.modalities.enabled and ("audio" in members or audio_from_video):
-        candidates = members.get("audio") or [(video.ext, video.data)]
-        row.update(first_decodable(candidates, lambda ext, data: _audio(ext, data, cfg)))
-    images: list[np.ndarray] = []
-    if "image" in members and "image" in cfg.modalities.enabled:
-        images = first_decodable(members["image"], lambda ext, data: _images(data, cfg))
-    return [_bucketed(key, r) for r in _views(row, video.clips if video is not None else [], images)]
+    names = sorted(members)
+    state = SampleState(key, cfg, tokenizer, members, {"key": key, "label": -1, "caption": "", "meta": "{}"})
+    fed = {s.feeds for s in modalities.SOURCES.values() if s.name in members and s.feeds and cfg.modalities.audio_from_video}
+    _check_required(state, {*members, *fed}, names)
+    for source in modalities.SOURCES.values():
+        if source.name in state.members:
+            _commit(first_decodable(state.members[source.name], functools.partial(_compose, source, state=state)), state)
+    _check_required(state, state.decoded, names)
+    return [_bucketed(key, r) for r in _views(state.row, state.views)]
 
 
-def _images(data: bytes, cfg: PipelineConfig) -> list[np.ndarray]:
-    """One image at every bucket ``image.resolutions`` picks for its native size."""
-    sizes = buckets.pick_image_buckets(*probe_image(data, cfg.limits), cfg.image.buckets, cfg.image.resolutions)
-    return decode_images(data, sizes, cfg.limits)
-
-
-def _views(row: dict[str, Any], clips: list[np.ndarray], images: list[np.ndarray]) -> list[dict[str, Any]]:
-    """A sample's rows: row i holds its i-th video and i-th image resolution (the nearest, first,
-    where one modality has fewer), so each resolution is written once without a cross product."""
-    views = [dict(row) for _ in range(max(len(clips), len(images), 1))]
-    for column, arrays in (("video", clips), ("image", images)):
-        for i, view in enumerate(views):
+def _views(row: dict[str, Any], views: Mapping[str, list[np.ndarray]]) -> list[dict[str, Any]]:
+    """A sample's rows: row i holds the i-th resolution of every viewed column (the nearest, first,
+    where one has fewer), so each resolution is written once without a cross product."""
+    rows = [dict(row) for _ in range(max([1, *(len(a) for a in views.values())]))]
+    for column, arrays in views.items():
+        for i, view in enumerate(rows):
             if arrays:
                 view[column] = arrays[i] if i < len(arrays) else arrays[0]
-    return views
+    return rows
 
 
 def _bucketed(key: str, row: dict[str, Any]) -> DecodedSample:
     """A decoded row with its bucket, named by the shapes of its tensor columns."""
-    shapes = {c: list(row[c].shape) for c in buckets.TOKEN_COLUMNS if c in row}
+    shapes = {c: list(row[c].shape) for c in modalities.token_columns() if c in row}
     if not shapes:
         raise MissingModality(f"sample {key!r} has no member of an enabled modality")
     return DecodedSample(key=key, bucket=buckets.bucket_name(shapes), shapes=shapes, row=row)

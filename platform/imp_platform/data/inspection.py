@@ -16,13 +16,17 @@ from typing import Any
 import numpy as np
 
 from imp_platform.data import manifest as manifest_io
+from imp_platform.data import modalities as registry
 from imp_platform.data.dataset import DatasetCard
 from imp_platform.data.sources import filesystem, join
 from imp_platform.data.stream import ProcessedDataset
 
 UNLABELLED = "(unlabelled)"
-VISUAL_COLUMNS = ("video", "image", "audio_mel")
-TITLES = {"video": "video frames", "image": "image", "audio_mel": "log-mel (time ->)"}
+
+
+def _visual_columns() -> list[str]:
+    """Columns a contact sheet draws: pixels (clips, images) and 2-D features (log-mel), registry order."""
+    return [m.column for m in registry.MODALITIES.values() if m.dtype == "uint8" or (m.stem == "patches" and len(m.grid_axes) == 2)]
 
 
 @dataclass
@@ -151,10 +155,10 @@ def contact_sheet(dataset: ProcessedDataset, out: str | Path, classes: list[str]
     buckets = sorted((b for b in dataset.buckets if b.count), key=lambda b: -b.count)[:max_buckets]
     samples = []
     for info in buckets:
-        wanted = [c for c in (*VISUAL_COLUMNS, "caption", "label", "key") if c in info.columns]
+        wanted = [c for c in (*_visual_columns(), "caption", "label", "key") if c in info.columns]
         batch = next(dataset.iter_batches(info, per_bucket, wanted))
         samples += [(info.name, {c: v[i] for c, v in batch.items()}) for i in range(len(batch[wanted[0]]))]
-    kinds = [c for c in VISUAL_COLUMNS if any(c in s for _, s in samples)]
+    kinds = [c for c in _visual_columns() if any(c in s for _, s in samples)]
     cols = len(kinds) + 1
     fig, axes = plt.subplots(len(samples), cols, figsize=(4 * cols, 1.9 * len(samples)), squeeze=False)
     for row, (bucket, sample) in enumerate(samples):
@@ -163,16 +167,16 @@ def contact_sheet(dataset: ProcessedDataset, out: str | Path, classes: list[str]
             ax.set_axis_off()
             if kind not in sample:
                 continue
-            if kind == "video":  # up to 4 frames side by side
-                video = sample["video"]
-                picked = np.linspace(0, len(video) - 1, min(4, len(video))).astype(int)
-                ax.imshow(np.concatenate(list(video[picked]), axis=1))
-            elif kind == "image":
-                ax.imshow(sample["image"])
+            x, spec = sample[kind], registry.of_column(kind)
+            if spec.dtype != "uint8":  # features over time (log-mel): time along x
+                ax.imshow(x.T, origin="lower", aspect="auto", cmap="magma")
+            elif x.ndim == 4:  # a clip: up to 4 frames side by side
+                picked = np.linspace(0, len(x) - 1, min(4, len(x))).astype(int)
+                ax.imshow(np.concatenate(list(x[picked]), axis=1))
             else:
-                ax.imshow(sample["audio_mel"].T, origin="lower", aspect="auto", cmap="magma")
+                ax.imshow(x)
             if row == 0:
-                ax.set_title(TITLES[kind], fontsize=9)
+                ax.set_title(kind if spec.dtype == "uint8" else f"{kind} (time ->)", fontsize=9)
         ax = axes[row, -1]
         ax.set_axis_off()
         label = int(sample.get("label", -1))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
@@ -63,6 +63,15 @@ class TaskReport:
             mine.count += part.count
             mine.files.extend(part.files)
         return self
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON data (a preprocess resume record holds one per shard)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TaskReport:
+        buckets = {name: BucketPart(**part) for name, part in data["buckets"].items()}
+        return cls(read=data["read"], kept=data["kept"], buckets=buckets, skipped=data["skipped"])
 
 
 def shapes(columns: dict[str, dict[str, Any]]) -> dict[str, list[int]]:

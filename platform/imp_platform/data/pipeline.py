@@ -26,9 +26,9 @@ import numpy as np
 from imp_platform.config import ConfigError
 from imp_platform.config.pipeline import PipelineConfig, load_pipeline
 from imp_platform.data import manifest as manifest_io
-from imp_platform.data import tars
-from imp_platform.data.buckets import TOKEN_COLUMNS, tokens_per_sample
-from imp_platform.data.captions import CAPTION_COLUMNS, IDS, MASK
+from imp_platform.data import modalities, resume, tars
+from imp_platform.data.buckets import tokens_per_sample
+from imp_platform.data.captions import CAPTION_COLUMNS
 from imp_platform.data.decode import DecodedSample, DecodeError, decode_sample, load_tokenizer, time_limit
 from imp_platform.data.sources import ShardListing, absolute, filesystem, join, list_shards
 from imp_platform.data.tars import RawSample
@@ -46,7 +46,9 @@ ROW_GROUP_ROWS = 128
 TOKENIZER_NAME = "tokenizer.json"
 
 
-TENSOR_COLUMNS = ("video", "image", "audio_mel", "audio_wave", "text_ids", "text_mask", *CAPTION_COLUMNS)
+def tensor_columns() -> tuple[str, ...]:
+    """Every processed tensor column: the registry's modality columns, then the extra captions."""
+    return (*modalities.tensor_columns(), *CAPTION_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ def drop_cross_shard_duplicates(
 
 
 def _arrays(sample: DecodedSample) -> dict[str, np.ndarray]:
-    return {c: sample.row[c] for c in TENSOR_COLUMNS if c in sample.row}
+    return {c: sample.row[c] for c in tensor_columns() if c in sample.row}
 
 
 def _rows(results: list[list[DecodedSample] | Skipped]) -> Iterable[tuple[int, DecodedSample | Skipped]]:
@@ -142,9 +144,11 @@ def _rows(results: list[list[DecodedSample] | Skipped]) -> Iterable[tuple[int, D
         yield from [(0, r)] if isinstance(r, Skipped) else enumerate(r)
 
 
-def _pack(results: list[list[DecodedSample] | Skipped]) -> dict[str, np.ndarray]:
-    """One fixed schema for kept and skipped rows of any bucket (tensors as raw bytes + layout)."""
-    out: dict[str, list[Any]] = {c: [] for c in (*SCALAR_COLUMNS, *TENSOR_COLUMNS)}
+def _pack(results: list[list[DecodedSample] | Skipped], shards: list[str] | None = None) -> dict[str, np.ndarray]:
+    """One fixed schema for kept and skipped rows of any bucket (tensors as raw bytes + layout);
+    ``shard``: each row's shard URL (the sink writes and counts per shard)."""
+    columns = tensor_columns()
+    out: dict[str, list[Any]] = {c: [] for c in (*SCALAR_COLUMNS, *columns)}
     for view, r in _rows(results):
         kept = isinstance(r, DecodedSample)
         out["view"].append(view)
@@ -156,11 +160,13 @@ def _pack(results: list[list[DecodedSample] | Skipped]) -> dict[str, np.ndarray]
         out["caption"].append(r.row["caption"] if kept else r.detail)
         out["meta"].append(r.row["meta"] if kept else "{}")
         out["layout"].append(json.dumps({c: [str(a.dtype), list(a.shape)] for c, a in arrays.items()}))
-        for c in TENSOR_COLUMNS:
+        for c in columns:
             out[c].append(np.ascontiguousarray(arrays[c]).tobytes() if c in arrays else b"")
     packed = {c: np.array(v, dtype=object) for c, v in out.items()}
     packed["label"] = np.asarray(out["label"], dtype=np.int64)
     packed["view"] = np.asarray(out["view"], dtype=np.int64)
+    urls = shards or [""] * len(results)
+    packed["shard"] = np.array([url for url, r in zip(urls, results, strict=True) for _ in _rows([r])], dtype=object)
     return packed
 
 
@@ -174,33 +180,16 @@ def bucket_layouts(cfg: PipelineConfig) -> dict[str, dict[str, tuple[str, list[i
 
     from imp_platform.data.buckets import bucket_name
 
-    enabled, required = cfg.modalities.enabled, cfg.modalities.required
     choices: list[list[dict[str, tuple[str, list[int]]]]] = []
-    if "video" in enabled and cfg.video:
-        choices.append([{"video": ("uint8", [t, h, w, 3])} for t, h, w in cfg.video.buckets])
-    if "image" in enabled and cfg.image:
-        choices.append([{"image": ("uint8", [h, w, 3])} for h, w in cfg.image.buckets])
-    if "audio" in enabled:
-        audio = cfg.audio
-        choices.append([
-            {"audio_mel": ("float32", [audio.mel_frames(s), audio.n_mels]),
-             **({"audio_wave": ("float32", [audio.clip_samples(s)])} if audio.waveform else {})}
-            for s in audio.clip_seconds
-        ])
-    if "text" in enabled:
-        k = cfg.text.max_captions
-        several = lambda n: {IDS: ("int32", [k, n]), MASK: ("bool", [k, n])} if k > 1 else {}  # noqa: E731
-        choices.append([{"text_ids": ("int32", [n]), "text_mask": ("bool", [n]), **several(n)}
-                        for n in cfg.text.length_buckets])
-    modality_of = {"video": "video", "image": "image", "audio_mel": "audio", "text_ids": "text"}
-    for options in choices:
-        if modality_of[next(c for c in options[0] if c in modality_of)] not in required:
-            options.append({})
+    for source in modalities.SOURCES.values():  # each enabled source's column options (registry layouts)
+        options = source.layouts(cfg, source.name) if source.name in cfg.modalities.enabled else []
+        if options:
+            choices.append(options + ([] if source.name in cfg.modalities.required else [{}]))
     layouts: dict[str, dict[str, tuple[str, list[int]]]] = {}
     for combo in itertools.product(*choices):
         layout = {c: spec for part in combo for c, spec in part.items()}
         if layout:
-            layouts[bucket_name({c: shape for c, (_, shape) in layout.items() if c in TOKEN_COLUMNS})] = layout
+            layouts[bucket_name({c: shape for c, (_, shape) in layout.items() if c in modalities.token_columns()})] = layout
     return layouts
 
 
@@ -239,7 +228,7 @@ class DecodeBatches:
         decoded = [(url, decode_or_skip(sample, self.cfg, self.tokenizer)) for url, sample in raw_samples(batch)]
         results = drop_cross_shard_duplicates(decoded, self.registry) if self.registry else [r for _, r in decoded]
         if self.keep_bucket is None:
-            return _pack(results)
+            return _pack(results, [url for url, _ in decoded])
         for r in results:
             if isinstance(r, Skipped):
                 log.warning("skipped %s: %s (%s)", r.key, r.kind, r.detail)
@@ -280,11 +269,36 @@ def _column_spec(table: Any, layout: dict[str, list[Any]]) -> dict[str, dict[str
     return spec
 
 
-def _make_sink(root: str, storage_options: dict[str, Any], with_caption: bool) -> Any:
+def _account(rows: Any, progress: resume.ShardProgress, with_caption: bool) -> Iterable[tuple[str, Any]]:
+    """Count one shard's packed rows into ``progress`` (end marker, skips, kept samples) and yield each
+    bucket's kept rows as an Arrow table to write."""
+    import pyarrow.compute as pc
+
+    kinds = rows.column("skip_kind")
+    for count in rows.filter(pc.equal(kinds, tars.END_OF_SHARD)).column("caption").to_pylist():
+        progress.total = int(count)
+    skipped = rows.filter(pc.and_(pc.not_equal(kinds, ""), pc.not_equal(kinds, tars.END_OF_SHARD)))
+    for key, kind in zip(skipped.column("key").to_pylist(), skipped.column("skip_kind").to_pylist(), strict=True):
+        progress.report.skip(kind, key)
+    kept = rows.filter(pc.equal(kinds, ""))
+    for bucket in sorted(set(kept.column("bucket").to_pylist())):
+        mine = kept.filter(pc.equal(kept.column("bucket"), bucket))
+        layout = json.loads(mine.column("layout")[0].as_py())
+        out = _bucket_table(mine, layout, with_caption)
+        part = progress.report.buckets.setdefault(bucket, manifest_io.BucketPart(columns=_column_spec(out, layout)))
+        part.count += out.num_rows
+        samples = pc.sum(pc.equal(mine.column("view"), 0)).as_py() or 0  # a sample's first row
+        progress.report.read += samples
+        progress.report.kept += samples
+        yield bucket, out
+
+
+def _make_sink(root: str, storage_options: dict[str, Any], with_caption: bool, progress_dir: str) -> Any:
     from ray.data import Datasink
 
     class BucketParquetSink(Datasink):
-        """Writes each bucket's rows to ``ROOT/bucket=<name>/<task>.parquet``; returns a TaskReport."""
+        """Writes each bucket's rows of each shard to ``ROOT/bucket=<name>/part-<run>-<task>-<shard>.parquet``
+        and the task's per-shard progress to ``progress_dir`` (see data/resume.py); returns a TaskReport."""
 
         def __init__(self) -> None:
             self.report = manifest_io.TaskReport()
@@ -304,48 +318,44 @@ def _make_sink(root: str, storage_options: dict[str, Any], with_caption: bool) -
             from ray.data.block import BlockAccessor
 
             fs, base = filesystem(root, storage_options)
-            report = manifest_io.TaskReport()
-            writers: dict[str, tuple[Any, Any]] = {}
-            pending: dict[str, list[Any]] = {}
+            shards: dict[str, resume.ShardProgress] = {}
+            writers: dict[tuple[str, str], tuple[Any, Any]] = {}
+            pending: dict[tuple[str, str], list[Any]] = {}
 
-            def flush(bucket: str) -> None:
-                """Write a bucket's buffered rows as one row group (one file per bucket and task)."""
-                table = pa.concat_tables(pending.pop(bucket))
-                part = report.buckets[bucket]
-                if bucket not in writers:
-                    rel = f"{BUCKET_DIR.format(bucket)}/part-{self.run}-{ctx.task_idx:05d}.parquet"
+            def flush(bucket: str, shard: str) -> None:
+                """Write a (bucket, shard)'s buffered rows as one row group (one file per bucket, shard and task)."""
+                table = pa.concat_tables(pending.pop((bucket, shard)))
+                part = shards[shard].report.buckets[bucket]
+                if (bucket, shard) not in writers:
+                    rel = f"{BUCKET_DIR.format(bucket)}/part-{self.run}-{ctx.task_idx:05d}-{resume.shard_id(shard)}.parquet"
                     fs.makedirs(join(base, BUCKET_DIR.format(bucket)), exist_ok=True)
                     handle = fs.open(join(base, rel), "wb")
-                    writers[bucket] = (pq.ParquetWriter(handle, table.schema), handle)
+                    writers[(bucket, shard)] = (pq.ParquetWriter(handle, table.schema), handle)
                     part.files.append({"path": rel, "row_groups": []})
-                writers[bucket][0].write_table(table, row_group_size=table.num_rows)
+                writers[(bucket, shard)][0].write_table(table, row_group_size=table.num_rows)
                 part.files[-1]["row_groups"].append(table.num_rows)
 
             try:
                 for block in blocks:
                     table = BlockAccessor.for_block(block).to_arrow()
-                    skipped = table.filter(pc.not_equal(table.column("skip_kind"), ""))
-                    for key, kind in zip(skipped.column("key").to_pylist(), skipped.column("skip_kind").to_pylist(), strict=True):
-                        report.skip(kind, key)
-                    kept = table.filter(pc.equal(table.column("skip_kind"), ""))
-                    for bucket in sorted(set(kept.column("bucket").to_pylist())):
-                        rows = kept.filter(pc.equal(kept.column("bucket"), bucket))
-                        layout = json.loads(rows.column("layout")[0].as_py())
-                        out = _bucket_table(rows, layout, with_caption)
-                        part = report.buckets.setdefault(bucket, manifest_io.BucketPart(columns=_column_spec(out, layout)))
-                        part.count += out.num_rows
-                        samples = pc.sum(pc.equal(rows.column("view"), 0)).as_py() or 0  # a sample's first row
-                        report.read += samples
-                        report.kept += samples
-                        pending.setdefault(bucket, []).append(out)
-                        if sum(t.num_rows for t in pending[bucket]) >= ROW_GROUP_ROWS:
-                            flush(bucket)
-                for bucket in list(pending):
-                    flush(bucket)
+                    for shard in pc.unique(table.column("shard")).to_pylist():
+                        progress = shards.setdefault(shard, resume.ShardProgress())
+                        rows = table.filter(pc.equal(table.column("shard"), shard))
+                        for bucket, out in _account(rows, progress, with_caption):
+                            buffered = pending.setdefault((bucket, shard), [])
+                            buffered.append(out)
+                            if sum(t.num_rows for t in buffered) >= ROW_GROUP_ROWS:
+                                flush(bucket, shard)
+                for key in list(pending):
+                    flush(*key)
             finally:
                 for writer, handle in writers.values():
                     writer.close()
                     handle.close()
+            resume.write_record(progress_dir, f"{self.run}-{ctx.task_idx:05d}", shards, storage_options)
+            report = manifest_io.TaskReport()
+            for progress in shards.values():
+                report.merge(progress.report)
             return report
 
         def on_write_complete(self, write_result: Any) -> None:
@@ -387,17 +397,25 @@ def _one_filesystem(urls: list[str], storage_options: dict[str, Any]) -> tuple[A
 
 def decoded_dataset(cfg: PipelineConfig, keep_bucket: str | None = None) -> tuple[Any, ShardListing]:
     """The lazy read -> decode graph (packed rows, or one bucket's uniform rows) and the shard listing."""
-    import ray
-    import ray.data
-
     if keep_bucket is not None and keep_bucket not in bucket_layouts(cfg):
         raise ConfigError(f"no bucket {keep_bucket!r} in pipeline {cfg.name}; it has {sorted(bucket_layouts(cfg))}")
     listing = list_shards(cfg.source.paths, cfg.source.storage_options)
-    fs, paths = _one_filesystem(listing.shards, cfg.source.storage_options)
+    return _decode_graph(cfg, listing.shards, resolve_tokenizer(cfg, listing.shards), keep_bucket), listing
+
+
+def _decode_graph(cfg: PipelineConfig, shards: list[str], tokenizer_json: str | None, keep_bucket: str | None = None,
+                  claims: list[tuple[str, str]] | None = None, end_markers: bool = False) -> Any:
+    """Read -> decode over ``shards``. ``claims``: (key, shard) kept by shards a resumed preprocess does
+    not read again; ``end_markers``: an ``END_OF_SHARD`` row after each shard's samples."""
+    import ray
+    import ray.data
+
+    fs, paths = _one_filesystem(shards, cfg.source.storage_options)
     # One read task per shard, its blocks not split further: Ray's default targets 200 blocks and
     # would cut each small shard into a few rows per block, which costs more than it spreads.
     max_member = int(cfg.limits.max_member_mb * 2**20)
-    ds = ray.data.read_datasource(tars.datasource(paths, fs, max_member), num_cpus=IO_TASK_CPUS, override_num_blocks=len(paths))
+    source = tars.datasource(paths, fs, max_member, end_markers)
+    ds = ray.data.read_datasource(source, num_cpus=IO_TASK_CPUS, override_num_blocks=len(paths))
     if not ray.is_initialized():
         ray.init()
     decode_cpus = _decode_cpus(cfg)
@@ -405,8 +423,10 @@ def decoded_dataset(cfg: PipelineConfig, keep_bucket: str | None = None) -> tupl
     # Cross-shard duplicate keys are judged in a one-pass preprocess only: a bucket stream is
     # re-executed every epoch and would find each key already kept.
     registry = ray.remote(num_cpus=0)(tars.KeyRegistry).remote() if keep_bucket is None else None
-    decoder = (cfg, resolve_tokenizer(cfg, listing.shards), keep_bucket, registry)
-    return map_decode(ds, decoder, cfg.decode.batch_size, cfg.decode.num_actors, decode_cpus), listing
+    if registry is not None and claims:
+        ray.get(registry.claim.remote(claims))
+    decoder = (cfg, tokenizer_json, keep_bucket, registry)
+    return map_decode(ds, decoder, cfg.decode.batch_size, cfg.decode.num_actors, decode_cpus)
 
 
 def map_decode(ds: Any, decoder: tuple[Any, ...], batch_size: int, concurrency: int, cpus: float) -> Any:
@@ -445,6 +465,8 @@ def _clear_output(root: str, storage_options: dict[str, Any], committed: dict[st
                 fs.rm(entry, recursive=True)
             elif stale:
                 fs.rm(stale)
+        elif name == resume.RESUME_DIR:  # the killed runs' progress: the manifest holds what it said
+            fs.rm(entry, recursive=True)
 
 
 def preprocess(cfg: PipelineConfig) -> dict[str, Any]:
@@ -457,18 +479,30 @@ def preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     of their own (the sink's run id) beside the old ones, readers use only the files the manifest
     names, and the manifest is replaced atomically at the end (the commit point); only then are
     the previous run's files deleted. A run killed half way leaves the old dataset whole (plus
-    unnamed files the next completed run removes); rerunning redoes the whole source.
+    unnamed files the next completed run removes). Rerun with the same settings, it skips the
+    shards the killed run wrote in full and keeps their files (data/resume.py).
     """
     start = time.perf_counter()
-    ds, listing = decoded_dataset(cfg)
+    listing = list_shards(cfg.source.paths, cfg.source.storage_options)
+    tokenizer_json = resolve_tokenizer(cfg, listing.shards)
     out = absolute(cfg.output.path.rstrip("/"))
     out_fs, out_path = filesystem(out, cfg.output.storage_options)
     out_fs.makedirs(out_path, exist_ok=True)
-    sink = _make_sink(out, cfg.output.storage_options, "text" in cfg.modalities.enabled)
-    log.info("preprocess %s: %d shards -> %s", cfg.name, len(listing.shards), out)
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    progress_dir = join(out, resume.RESUME_DIR, resume.fingerprint(cfg, tokenizer_json))
+    done = resume.done_shards(out, progress_dir, listing.shards, cfg.output.storage_options)
+    todo = [shard for shard in listing.shards if shard not in done]
+    log.info("preprocess %s: %d shards (%d done by a killed run) -> %s", cfg.name, len(listing.shards), len(done), out)
+    fresh, stats = manifest_io.TaskReport(), f"all {len(done)} shards resumed"
+    if todo:
+        claims = [(key, url) for url, shard in done.items() for key in shard.keys]
+        ds = _decode_graph(cfg, todo, tokenizer_json, claims=claims, end_markers=True)
+        sink = _make_sink(out, cfg.output.storage_options, "text" in cfg.modalities.enabled, progress_dir)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+        fresh, stats = sink.report, ds.stats()
     seconds = time.perf_counter() - start
-    report = sink.report
+    report = manifest_io.TaskReport()
+    for part in [*(shard.report for shard in done.values()), fresh]:
+        report.merge(part)
     tokens = {
         name: tokens_per_sample(manifest_io.shapes(part.columns), cfg.patches) for name, part in report.buckets.items()
     }
@@ -483,11 +517,12 @@ def preprocess(cfg: PipelineConfig) -> dict[str, Any]:
             "shards": len(listing.shards),
             "raw_bytes": listing.raw_bytes,
             "dataset": dataset_card(cfg),
-            "timing": {"seconds": round(seconds, 3), "samples_per_s": round(report.read / seconds, 2)},
-            "stats": ds.stats(),
+            "resumed_shards": len(done),
+            "timing": {"seconds": round(seconds, 3), "samples_per_s": round(fresh.read / seconds, 2)},
+            "stats": stats,
         },
     )
-    write_tokenizer(cfg, out, resolve_tokenizer(cfg, listing.shards))  # before the manifest, the commit point
+    write_tokenizer(cfg, out, tokenizer_json)  # before the manifest, the commit point
     manifest_io.write(result, join(out, manifest_io.MANIFEST_NAME), cfg.output.storage_options)
     _clear_output(out, cfg.output.storage_options, result)
     return result

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imp_platform.data import manifest as manifest_io
-from imp_platform.data.buckets import TOKEN_COLUMNS, bucket_name
+from imp_platform.data import modalities as registry
+from imp_platform.data.buckets import bucket_name
 from imp_platform.data.captions import CAPTION_COLUMNS, draw_captions, with_caption_columns
 from imp_platform.data.sources import filesystem, join
 
@@ -84,7 +85,7 @@ class BucketInfo:
             groups.extend((len(files) + fi, gi, rows) for fi, gi, rows in part.row_groups)
             files.extend(part.files)
         return cls(
-            name=bucket_name({c: s for c, s in shape.items() if c in TOKEN_COLUMNS}),
+            name=bucket_name({c: s for c, s in shape.items() if c in registry.token_columns()}),
             count=sum(p.count for p in parts),
             shape=shape,
             files=files,

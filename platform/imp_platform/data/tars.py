@@ -28,6 +28,9 @@ HUGE_MEMBER = "huge_member"
 NON_UTF8_NAME = "non_utf8_name"
 NON_REGULAR_MEMBER = "non_regular_member"
 BAD_TAR_HEADER = "bad_tar_header"
+# Not a fault: the record after a shard's last sample, its detail the number of samples before it
+# (a preprocess counts what it wrote per shard against it to know the shard is finished).
+END_OF_SHARD = "end_of_shard"
 # Member size cap when the caller gives none (``limits.max_member_mb`` in a pipeline).
 DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20
 # Columns of a raw block besides one bytes column per member extension.
@@ -268,12 +271,24 @@ class KeyRegistry:
         return result
 
 
+def with_end_marker(samples: Iterator[RawSample], url: str) -> Iterator[RawSample]:
+    """The samples, then an ``END_OF_SHARD`` record whose detail counts them."""
+    count = 0
+    for sample in samples:
+        count += 1
+        yield sample
+    yield RawSample(f"{url}#end", skip=END_OF_SHARD, detail=str(count))
+
+
 def sample_blocks(fileobj: IO[bytes], url: str, rows: int = READ_BLOCK_ROWS,
-                  max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[Any]:
-    """Raw blocks (Arrow tables of at most ``rows`` samples; a member a sample lacks is null) of one shard."""
+                  max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, end_marker: bool = False) -> Iterator[Any]:
+    """Raw blocks (Arrow tables of at most ``rows`` samples; a member a sample lacks is null) of one
+    shard; with ``end_marker`` its last row is the ``END_OF_SHARD`` record."""
     import pyarrow as pa
 
     samples = read_samples(fileobj, url, max_member_bytes)
+    if end_marker:
+        samples = with_end_marker(samples, url)
     while chunk := list(itertools.islice(samples, rows)):
         records = [s.row(url) for s in chunk]
         # Every column any sample has (``Table.from_pylist`` would take the first row's keys only).
@@ -281,7 +296,8 @@ def sample_blocks(fileobj: IO[bytes], url: str, rows: int = READ_BLOCK_ROWS,
         yield pa.table({name: [record.get(name) for record in records] for name in columns})
 
 
-def datasource(paths: list[str], fs: Any, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Any:
+def datasource(paths: list[str], fs: Any, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+               end_markers: bool = False) -> Any:
     """A Ray Data ``FileBasedDatasource`` of these ``.tar`` shards, yielding ``sample_blocks``.
 
     Built on call so that importing this module does not import Ray Data (seconds).
@@ -290,6 +306,6 @@ def datasource(paths: list[str], fs: Any, max_member_bytes: int = DEFAULT_MAX_ME
 
     class TarShardsDatasource(FileBasedDatasource):
         def _read_stream(self, f: Any, path: str) -> Iterator[Any]:
-            yield from sample_blocks(f, path, max_member_bytes=max_member_bytes)
+            yield from sample_blocks(f, path, max_member_bytes=max_member_bytes, end_marker=end_markers)
 
     return TarShardsDatasource(paths, filesystem=fs, file_extensions=["tar"])

@@ -2,27 +2,31 @@
 
 Metrics: ``caption_token_accuracy`` (teacher-forced next-token accuracy over the reference
 tokens and EOS: what the captioning loss trains), ``caption_exact_match`` (generated ==
-reference, case and spacing ignored), ``caption_bleu4`` (corpus BLEU-4, ``bleu4``) and, when
+reference, case and spacing ignored), ``caption_bleu4`` (corpus BLEU-4, ``bleu4``),
+``caption_cider`` (CIDEr-D, ``cider_d``) and, when
 the dataset declares classes, ``caption_label_word_accuracy`` (labelled clips whose caption
 names their class: Video-STaR's label check).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from imp_platform.data import modalities as registry
 from imp_platform.model.generate import generate_from, ids_to_text
 from imp_platform.objectives.caption import IGNORE, caption_targets
-from imp_platform.train.tasks import COLUMNS, to_inputs
+from imp_platform.train.tasks import to_inputs
 
-CAPTION_SOURCES = ("video", "image", "audio_mel", "audio_wave")  # captions come from the first one stored
+EXAMPLES_KEY = "caption_examples"  # in an eval's metrics: generated vs reference captions of a few clips
 
 
 @dataclass(frozen=True)
@@ -33,18 +37,34 @@ class CaptionRow:
     label: int  # -1 = unlabelled
     tokens_correct: int = 0  # teacher-forced hits over the reference tokens + EOS
     tokens_total: int = 0
+    frame: np.ndarray | None = None  # uint8 [H, W, 3] thumbnail of the clip's first frame (report examples)
+
+    def example(self) -> dict[str, Any]:
+        """JSON form for an eval's ``caption_examples`` (the report; frame as nested lists)."""
+        return {"key": self.key, "reference": self.reference, "generated": self.generated, "label": self.label,
+                "frame": None if self.frame is None else self.frame.tolist()}
 
 
 def source_modality(columns: Sequence[str]) -> str | None:
     """The modality a bucket's captions are generated from (None: it stores none we can caption)."""
-    return next((m for m in CAPTION_SOURCES if COLUMNS[m][0] in columns), None)
+    return next((m for m in registry.media() if registry.modality(m).column in columns), None)
+
+
+def thumbnail(x: np.ndarray, modality: str, size: int = 96) -> np.ndarray | None:
+    """The first frame of a video (an image as it is), strided to at most ``size`` pixels a side; None for audio."""
+    if modality not in ("video", "image"):
+        return None
+    frame = np.asarray(x[0] if modality == "video" else x)
+    stride = max(1, math.ceil(max(frame.shape[:2]) / size))
+    return np.ascontiguousarray(frame[::stride, ::stride]).astype(np.uint8)
 
 
 @torch.no_grad()
 def iter_captions(model: Any, dataset: Any, tokenizer: Any, *, batch_size: int = 32, max_len: int = 16,
-                  beam_size: int = 1, max_samples: int | None = None,
+                  beam_size: int = 1, max_samples: int | None = None, frames: int = 0,
                   device: torch.device | str = "cpu") -> Iterator[CaptionRow]:
-    """Caption every row of a ``ProcessedDataset`` (stored order, bucket by bucket, up to ``max_samples``)."""
+    """Caption every row of a ``ProcessedDataset`` (stored order, bucket by bucket, up to ``max_samples``);
+    the first ``frames`` rows carry a thumbnail of their clip."""
     device = torch.device(device)
     seen = 0
     for info in dataset.buckets:
@@ -52,10 +72,11 @@ def iter_captions(model: Any, dataset: Any, tokenizer: Any, *, batch_size: int =
         if modality is None or not info.count:
             continue
         extra = [c for c in ("key", "label", "caption", "text_ids", "text_mask") if c in info.columns]
-        for batch in dataset.iter_batches(info, batch_size, [*COLUMNS[modality], *extra]):
+        column = registry.modality(modality).column
+        for batch in dataset.iter_batches(info, batch_size, [*registry.modality(modality).columns, *extra]):
             if max_samples is not None and seen >= max_samples:
                 return
-            n = len(batch[COLUMNS[modality][0]])
+            n = len(batch[column])
             x, kwargs = to_inputs(modality, batch, device)
             encoded = model.encode(modality, x, **kwargs)
             texts = ids_to_text(generate_from(model, encoded, max_len=max_len, beam_size=beam_size), tokenizer)
@@ -68,6 +89,7 @@ def iter_captions(model: Any, dataset: Any, tokenizer: Any, *, batch_size: int =
                     label=int(batch["label"][i]) if "label" in batch else -1,
                     tokens_correct=int(correct[i]) if correct is not None else 0,
                     tokens_total=int(total[i]) if total is not None else 0,
+                    frame=thumbnail(batch[column][i], modality) if seen + i < frames else None,
                 )
             seen += n
 
@@ -117,6 +139,45 @@ def bleu4(pairs: Sequence[tuple[str, str]]) -> float:
     return math.exp(brevity + log_precision)
 
 
+def cider_d_scores(pairs: Sequence[tuple[str, Sequence[str]]], sigma: float = 6.0) -> list[float]:
+    """CIDEr-D (Vedantam et al. 2015, as the COCO caption evaluation computes it) of each
+    (generated, references) pair: per n = 1..4, the cosine of TF-IDF n-gram vectors with the
+    generated counts clipped at the reference's, times a Gaussian penalty on the length difference,
+    averaged over n and references, x10. IDF is over the corpus's references, so a score depends on
+    the whole corpus but not on its order or the other generated captions. Lengths are word counts
+    (COCO counts bigrams: the same difference whenever neither caption is empty)."""
+    refs = [[_words(r) for r in references] for _, references in pairs]
+    df: Counter[tuple[str, ...]] = Counter()
+    for item in refs:
+        df.update({g for words in item for n in range(1, 5) for g in _ngrams(words, n)})
+    log_corpus = math.log(max(len(pairs), 1))
+
+    def vectors(words: list[str]) -> tuple[list[dict[tuple[str, ...], float]], list[float]]:
+        vecs = [{g: tf * (log_corpus - math.log(max(1.0, df[g]))) for g, tf in _ngrams(words, n).items()}
+                for n in range(1, 5)]
+        return vecs, [math.sqrt(sum(v * v for v in vec.values())) for vec in vecs]
+
+    scores = []
+    for (generated, _), item in zip(pairs, refs):
+        words = _words(generated)
+        gen, gen_norm = vectors(words)
+        total = 0.0
+        for ref_words in item:
+            ref, ref_norm = vectors(ref_words)
+            penalty = math.exp(-((len(words) - len(ref_words)) ** 2) / (2 * sigma ** 2))
+            for n in range(4):
+                if gen_norm[n] and ref_norm[n]:
+                    dot = sum(min(v, ref[n].get(g, 0.0)) * ref[n].get(g, 0.0) for g, v in gen[n].items())
+                    total += dot / (gen_norm[n] * ref_norm[n]) * penalty
+        scores.append(10.0 * total / 4 / max(len(item), 1))
+    return scores
+
+
+def cider_d(pairs: Sequence[tuple[str, Sequence[str]]]) -> float:
+    """Corpus CIDEr-D: the mean of ``cider_d_scores`` (0 for an empty corpus)."""
+    return float(np.mean(cider_d_scores(pairs))) if pairs else 0.0
+
+
 def caption_metrics(rows: Sequence[CaptionRow], classes: Sequence[str] | None = None) -> dict[str, float]:
     """Token accuracy, exact match and (given class names) label-word accuracy of captioned rows."""
     out: dict[str, float] = {"caption_samples": float(len(rows))}
@@ -127,6 +188,7 @@ def caption_metrics(rows: Sequence[CaptionRow], classes: Sequence[str] | None = 
     if refs:
         out["caption_exact_match"] = float(np.mean([_words(r.generated) == _words(r.reference or "") for r in refs]))
         out["caption_bleu4"] = bleu4([(r.generated, r.reference or "") for r in refs])
+        out["caption_cider"] = cider_d([(r.generated, [r.reference or ""]) for r in refs])
     labelled = [r for r in rows if classes is not None and 0 <= r.label < len(classes)]
     if labelled and classes is not None:
         out["caption_label_word_accuracy"] = float(np.mean(
@@ -135,33 +197,33 @@ def caption_metrics(rows: Sequence[CaptionRow], classes: Sequence[str] | None = 
 
 
 def caption_checkpoint(checkpoint: str, input_path: str, out: str, *, tokenizer: str | None = None,
-                       batch_size: int = 32, max_len: int = 16, beam_size: int = 1,
-                       max_samples: int | None = None) -> dict[str, float]:
+                       batch_size: int = 32, max_len: int = 16, beam_size: int = 1, max_samples: int | None = None,
+                       storage_options: dict[str, Any] | None = None) -> dict[str, float]:
     """Caption a processed split with a checkpoint's model; write one JSON line per clip to ``out``.
 
     ``checkpoint``: a run checkpoint (its run config names the training tokenizer) or an exported
-    model directory (then ``tokenizer`` must name a tokenizer.json). Returns the caption metrics.
+    model directory (then ``tokenizer`` must name a tokenizer.json), local or s3:// (read with
+    ``storage_options``, as is an s3:// input). Returns the caption metrics.
     """
-    import json
-    from pathlib import Path
-
     from imp_platform.config import ConfigError
     from imp_platform.data.dataset import DatasetCard, read_tokenizer
     from imp_platform.data.decode import load_tokenizer
     from imp_platform.data.stream import ProcessedDataset
+    from imp_platform.infer.batch import local_checkpoint
     from imp_platform.train.checkpoint import RUN_CONFIG, load_model, load_run_config
 
-    model, model_cfg = load_model(checkpoint)
+    with local_checkpoint(checkpoint, storage_options) as directory:
+        model, model_cfg = load_model(directory)
+        cfg = load_run_config(directory) if (Path(directory) / RUN_CONFIG).exists() else None
     if not model_cfg.decoder.enabled:
         raise ConfigError(f"{checkpoint}: the model has no text decoder (train it with a caption objective)")
     if max_len >= model.decoder.max_len:
         raise ConfigError(f"max_len {max_len} exceeds the model's max_text_len ({model.decoder.max_len - 1})")
     if tokenizer is None:
-        if not (Path(checkpoint) / RUN_CONFIG).exists():
+        if cfg is None:
             raise ConfigError(f"{checkpoint} has no {RUN_CONFIG}: pass --tokenizer (the training tokenizer.json)")
-        cfg = load_run_config(checkpoint)
         tokenizer = read_tokenizer(cfg, cfg.data.train_split)
-    dataset = ProcessedDataset.open(input_path)
+    dataset = ProcessedDataset.open(input_path, storage_options)
     card = DatasetCard.from_manifest(dataset.manifest)
     rows = []
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +242,7 @@ class HeldOutCaptions:
 
     tokenizer_json: str  # the training tokenizer: generated ids are its ids
     max_len: int = 16
+    examples: int = 6  # clips shown in the report (and written to captions.jsonl) with both captions
 
     @classmethod
     def for_run(cls, cfg: Any) -> HeldOutCaptions | None:
@@ -190,10 +253,19 @@ class HeldOutCaptions:
             return None
         return cls(read_tokenizer(cfg, cfg.data.train_split))
 
-    def metrics(self, model: Any, dataset: Any, classes: Sequence[str] | None, *, batch_size: int,
-                max_samples: int | None, device: torch.device) -> dict[str, float]:
+    def evaluate(self, model: Any, dataset: Any, classes: Sequence[str] | None, *, batch_size: int,
+                 max_samples: int | None, device: torch.device) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """(caption metrics, the first ``examples`` clips as ``CaptionRow.example`` dicts)."""
         from imp_platform.data.decode import load_tokenizer
 
         rows = list(iter_captions(model, dataset, load_tokenizer(self.tokenizer_json), batch_size=batch_size,
-                                  max_len=self.max_len, max_samples=max_samples, device=device))
-        return caption_metrics(rows, classes)
+                                  max_len=self.max_len, max_samples=max_samples, frames=self.examples,
+                                  device=device))
+        return caption_metrics(rows, classes), [r.example() for r in rows[:self.examples]]
+
+
+def write_examples(examples: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """One JSON line per example clip (key, label, reference, generated; the frame stays in the report)."""
+    path = Path(path)
+    path.write_text("".join(json.dumps({k: v for k, v in e.items() if k != "frame"}) + "\n" for e in examples))
+    return path

@@ -1,5 +1,6 @@
 """The PNG report of a run: per-task loss curves, zero-shot accuracy and retrieval over steps,
-expert use by modality, the zero-shot video confusion matrix and a reliability diagram.
+expert use by modality, the zero-shot video confusion matrix, a reliability diagram and, for a
+model with a text decoder, a few held-out clips with their reference and generated captions.
 
 Input is the metrics history the training loop keeps (and stores in every checkpoint), so a
 report can be drawn from a checkpoint alone; the confusion matrix, reliability bins and class
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from imp_platform.eval.captioning import EXAMPLES_KEY
 
 
 def _series(history: list[dict[str, Any]], prefix: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -48,7 +51,7 @@ def _class_list(classes: Sequence[str], limit: int = 12) -> str:
 
 def write_report(history: list[dict[str, Any]], out: str | Path, title: str = "imp-platform run",
                  classes: Sequence[str] | None = None) -> Path:
-    """Draw the five panels into ``out`` (PNG) and return its path.
+    """Draw the six panels into ``out`` (PNG) and return its path.
 
     ``classes`` names the zero-shot classes (title and confusion axes); the chance line is
     1 / ``num_classes`` of the latest eval, absent when the dataset declares no classes.
@@ -75,7 +78,7 @@ def write_report(history: list[dict[str, Any]], out: str | Path, title: str = "i
     _expert_panel(axes[2], history)
     _confusion_panel(axes[3], _latest(history, "zeroshot_video_confusion"), classes)
     _reliability_panel(axes[4], history)
-    axes[5].set_axis_off()
+    _captions_panel(axes[5], _latest(history, EXAMPLES_KEY))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -125,6 +128,26 @@ def _expert_panel(ax: Any, history: list[dict[str, Any]]) -> None:
     ax.set(title="expert use by modality (mean over MoE layers)", xlabel="expert",
            ylabel="share of routing (EC: mean router prob.)", ylim=(0, 1.3 * top))  # headroom for the legend
     ax.legend(fontsize=8, ncol=len(modalities) + 1, loc="upper center")
+
+
+def _captions_panel(ax: Any, examples: list[dict[str, Any]] | None) -> None:
+    """A few held-out clips: first frame, reference caption, generated caption (greedy)."""
+    ax.set_axis_off()
+    if not examples:
+        ax.text(0.5, 0.5, "no generated captions\n(the model has no text decoder, or the report\n"
+                "was drawn from the training history: run `platform eval`)", ha="center", va="center")
+        return
+    ax.set_title("held-out captions: reference vs generated (greedy)")
+    rows = len(examples)
+    for i, example in enumerate(examples):
+        top = 1 - i / rows
+        if example.get("frame") is not None:
+            inset = ax.inset_axes((0.0, top - 0.9 / rows, 0.16, 0.9 / rows))
+            inset.imshow(np.asarray(example["frame"], dtype=np.uint8))
+            inset.set_axis_off()
+        ax.text(0.19, top - 0.45 / rows, f"{example['key']}\nreference: {example.get('reference') or '-'}\n"
+                f"generated: {example['generated'] or '(empty)'}", va="center", fontsize=8, family="monospace",
+                transform=ax.transAxes, clip_on=True)
 
 
 def _reliability_panel(ax: Any, history: list[dict[str, Any]]) -> None:

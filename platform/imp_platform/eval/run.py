@@ -24,14 +24,19 @@ def write_outputs(metrics: dict[str, Any], history: list[dict[str, Any]], out_di
     """``out_dir/metrics.json`` and ``out_dir/report.png`` (history plus the final metrics as the last point).
 
     ``metrics`` may hold ``zeroshot_<family>_confusion`` (nested lists) besides scalars;
-    ``classes`` names the zero-shot classes in the report.
+    ``classes`` names the zero-shot classes in the report. Its ``caption_examples`` go to
+    ``out_dir/captions.jsonl`` and the report's captions panel rather than ``metrics.json``.
     """
+    from imp_platform.eval.captioning import EXAMPLES_KEY, write_examples
     from imp_platform.eval.report import write_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    metrics_path.write_text(json.dumps({k: v for k, v in metrics.items() if k != EXAMPLES_KEY}, indent=2,
+                                       sort_keys=True))
+    if metrics.get(EXAMPLES_KEY):
+        write_examples(metrics[EXAMPLES_KEY], out_dir / "captions.jsonl")
     report_path = write_report(report_points(metrics, history), out_dir / "report.png", title=title, classes=classes)
     return metrics_path, report_path
 

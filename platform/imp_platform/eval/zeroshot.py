@@ -26,29 +26,21 @@ import torch
 import torch.nn.functional as F
 
 from imp_platform.config.train import PretrainConfig
+from imp_platform.data import modalities as registry
 from imp_platform.data.dataset import DatasetCard, load_card, read_tokenizer
 from imp_platform.eval.calibration import Reliability, reliability
-from imp_platform.eval.captioning import HeldOutCaptions
+from imp_platform.eval.captioning import EXAMPLES_KEY, HeldOutCaptions
 from imp_platform.eval.heads import score_heads
-from imp_platform.train.tasks import COLUMNS, encode, head_modalities
+from imp_platform.train.tasks import encode, head_modalities
 
 log = logging.getLogger(__name__)
 
-# metric name -> model modality; the first available audio/vision representation is used.
-ZERO_SHOT = {"video": "video", "image": "image", "audio": ("audio_mel", "audio_wave")}
 RETRIEVAL = {"video_text": ("video", "text"), "audio_text": ("audio", "text"), "video_audio": ("video", "audio")}
 KS = (1, 5, 10)
 SEMANTIC_KS = (1, 5)
 TOP_KS = (1, 5)
 
 Prompts = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids [C*P, L], mask [C*P, L], class of each prompt
-
-
-def _available(modality: str | tuple[str, ...], columns: set[str]) -> str | None:
-    for name in (modality,) if isinstance(modality, str) else modality:
-        if COLUMNS[name][0] in columns:
-            return name
-    return None
 
 
 @dataclass
@@ -69,11 +61,14 @@ class Evaluation:
     metrics: dict[str, float]
     confusion: dict[str, np.ndarray] = field(default_factory=dict)  # family -> [true class, predicted class]
     reliability: dict[str, Reliability] = field(default_factory=dict)  # zeroshot_<family> / head_<name> -> bins
+    caption_examples: list[dict[str, Any]] = field(default_factory=list)  # generated vs reference, a few clips
 
     def as_json(self) -> dict[str, Any]:
-        """Metrics with ``zeroshot_<family>_confusion`` and ``<classifier>_reliability`` nested, for ``metrics.json``."""
+        """Metrics with ``zeroshot_<family>_confusion`` and ``<classifier>_reliability`` nested, for ``metrics.json``
+        (and ``caption_examples``, which ``write_outputs`` moves to ``captions.jsonl`` and the report)."""
         return {**self.metrics, **{f"zeroshot_{f}_confusion": m.tolist() for f, m in self.confusion.items()},
-                **{f"{name}_reliability": r.as_json() for name, r in self.reliability.items()}}
+                **{f"{name}_reliability": r.as_json() for name, r in self.reliability.items()},
+                **({EXAMPLES_KEY: self.caption_examples} if self.caption_examples else {})}
 
 
 @dataclass
@@ -110,11 +105,13 @@ class HeldOut:
                    captions=HeldOutCaptions.for_run(cfg))
 
     def _modalities(self) -> dict[str, str]:
-        """metric family ("video", "audio", "image", "text") -> model modality present in every bucket."""
+        """metric family (a registry source: "video", "image", "audio", "text") -> the first of its
+        model modalities (``audio_mel`` before ``audio_wave``) present in every bucket."""
         common = set.intersection(*(set(b.shape) for b in self.dataset.buckets))
-        out = {family: m for family, spec in ZERO_SHOT.items() if (m := _available(spec, common))}
-        if "text_ids" in common:
-            out["text"] = "text"
+        out: dict[str, str] = {}
+        for spec in (*map(registry.modality, registry.media()), registry.modality("text")):
+            if spec.column in common:
+                out.setdefault(spec.source, spec.name)
         return out
 
     @torch.no_grad()
@@ -123,7 +120,7 @@ class HeldOut:
         families = self._modalities()
         stored = set.intersection(*(set(b.columns) for b in self.dataset.buckets))
         extra = [c for c in ("label", "caption", *(["meta"] if "caption" in stored else [])) if c in stored]
-        columns = sorted({c for m in families.values() for c in COLUMNS[m]} | set(extra))
+        columns = sorted({c for m in families.values() for c in registry.modality(m).columns} | set(extra))
         pooled: dict[str, list[torch.Tensor]] = {f: [] for f in families}
         labels: list[np.ndarray] = []
         captions: list[np.ndarray] = []
@@ -154,8 +151,10 @@ class HeldOut:
         feats = self.embed(model)
         result = Evaluation({"eval_samples": float(len(feats.labels))})
         if self.captions is not None and getattr(model, "decoder", None) is not None:
-            result.metrics.update(self.captions.metrics(model, self.dataset, self.card.classes, device=self.device,
-                                                        batch_size=self.batch_size, max_samples=self.max_samples))
+            metrics, result.caption_examples = self.captions.evaluate(
+                model, self.dataset, self.card.classes, device=self.device, batch_size=self.batch_size,
+                max_samples=self.max_samples)
+            result.metrics.update(metrics)
         if self.prompts is not None:
             self._zero_shot(model, families, feats, result)
         head_metrics, head_bins = score_heads(model, self.heads, {families[f]: v for f, v in feats.pooled.items()},
@@ -192,8 +191,8 @@ class HeldOut:
             log.info("zero-shot skipped: no held-out sample carries a label")
             return
         result.metrics["num_classes"] = float(num_classes)
-        for family in ("video", "image", "audio"):
-            if family not in feats.pooled:
+        for family in feats.pooled:
+            if family == "text":
                 continue
             modality = families[family]
             pooled = feats.pooled[family][torch.as_tensor(labelled, device=feats.pooled[family].device)]

@@ -11,10 +11,11 @@ the parquet holds one row per good sample.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,21 +38,29 @@ PART_NAME = "part-{:05d}.parquet"
 
 def _checkpoint(path: str) -> tuple[Path, ModelConfig, PretrainConfig | None]:
     """(directory, model config, run config or None) of a run checkpoint or an exported model."""
-    from imp_platform.model.io import CONFIG, WEIGHTS
-    from imp_platform.train.checkpoint import COMPLETE, RUN_CONFIG, load_run_config, verify_complete
+    from imp_platform.model.io import CONFIG
+    from imp_platform.train.checkpoint import RUN_CONFIG, load_run_config, verify_model_dir
 
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint not found: {path} (a local run checkpoint or exported model folder)")
-    run = (directory / COMPLETE).exists()
-    if run:
-        verify_complete(directory)  # every file it wrote is whole (weights may be DCP shards, for load_model)
-    for name in (CONFIG,) if run else (CONFIG, WEIGHTS):
-        if not (directory / name).exists():
-            raise FileNotFoundError(f"{directory / name} not found: {path} is not a checkpoint or exported model")
+    directory = verify_model_dir(path)  # a run checkpoint's files are all whole (weights may be DCP shards)
     model_cfg = validate(ModelConfig, json.loads((directory / CONFIG).read_text()), source=str(directory / CONFIG))
     run_cfg = load_run_config(directory) if (directory / RUN_CONFIG).exists() else None
     return directory.resolve(), model_cfg, run_cfg
+
+
+@contextlib.contextmanager
+def local_checkpoint(uri: str, storage_options: dict[str, Any] | None) -> Iterator[str]:
+    """A checkpoint URI as a local directory: a local path as given, an s3:// one downloaded for the
+    block by the code that resumes training from one (``ray_checkpoint``). Missing: FileNotFoundError naming ``uri``."""
+    from imp_platform.train.checkpoint import ray_checkpoint
+
+    if "://" not in uri:
+        yield uri
+        return
+    try:
+        with ray_checkpoint(uri, storage_options).as_directory() as directory:
+            yield directory
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{uri}: not found, or not a checkpoint or exported model ({exc})") from None
 
 
 def _heads(model_cfg: ModelConfig, run_cfg: PretrainConfig | None) -> dict[str, str]:
@@ -72,8 +81,9 @@ def check_model(cfg: InferConfig, directory: Path, model_cfg: ModelConfig,
     return _heads(model_cfg, run_cfg) if "classify" in cfg.what else {}
 
 
-def predictor_spec(cfg: InferConfig, directory: Path, heads: dict[str, str], source: InferenceInput) -> PredictorSpec:
-    """What every model actor gets; refuses what the input cannot give (classes, a tokenizer), naming why."""
+def predictor_spec(cfg: InferConfig, checkpoint: str, heads: dict[str, str], source: InferenceInput) -> PredictorSpec:
+    """What every model actor gets (``checkpoint``: a local directory or the s3:// URI, which each actor
+    downloads); refuses what the input cannot give (classes, a tokenizer), naming why."""
     from imp_platform.data.decode import load_tokenizer
     from imp_platform.eval.zeroshot import prompt_tokens
 
@@ -86,8 +96,8 @@ def predictor_spec(cfg: InferConfig, directory: Path, heads: dict[str, str], sou
             raise ConfigError("--what zeroshot needs class names: declare dataset.classes in the pipeline YAML")
         prompts = prompt_tokens(source.card, load_tokenizer(source.tokenizer_json), source.prompt_length)
     return PredictorSpec(
-        checkpoint=str(directory), what=what, modalities=source.modalities, batch_size=cfg.batch_size,
-        seed=cfg.seed, heads={h: m for h, m in heads.items() if m in source.modalities},
+        checkpoint=checkpoint, storage_options=cfg.storage_options, what=what, modalities=source.modalities,
+        batch_size=cfg.batch_size, seed=cfg.seed, heads={h: m for h, m in heads.items() if m in source.modalities},
         prompts=prompts, num_classes=source.card.num_classes, tokenizer_json=source.tokenizer_json,
         caption_max_len=cfg.caption_max_len, caption_beam_size=cfg.caption_beam_size,
     )
@@ -196,21 +206,23 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
     be produced (zero-shot without classes, captions without a decoder, ...).
     """
     start = time.perf_counter()
-    directory, model_cfg, run_cfg = _checkpoint(cfg.checkpoint)
-    heads = check_model(cfg, directory, model_cfg, run_cfg)
+    with local_checkpoint(cfg.checkpoint, cfg.storage_options) as local:
+        directory, model_cfg, run_cfg = _checkpoint(local)
+        heads = check_model(cfg, directory, model_cfg, run_cfg)
+    checkpoint = cfg.checkpoint if "://" in cfg.checkpoint else str(directory)
     source = open_input(cfg, run_cfg)
-    spec = predictor_spec(cfg, directory, heads, source)
+    spec = predictor_spec(cfg, checkpoint, heads, source)
     ds = predictions(source, spec, cfg.num_actors)
     out = absolute(cfg.out.rstrip("/"))
     writer = PartWriter(out, cfg.storage_options, cfg.rows_per_file)
     _clear(writer.fs, writer.base)
-    log.info("infer %s over %s (%s) -> %s", directory, cfg.input, ",".join(spec.what), out)
+    log.info("infer %s over %s (%s) -> %s", checkpoint, cfg.input, ",".join(spec.what), out)
     report, buckets = write_predictions(ds.iter_batches(batch_size=None, batch_format="pyarrow"), writer)
     seconds = time.perf_counter() - start
     summary = manifest_io.build(report, source.skipped_files, {}, extra={
         "buckets": [{"name": name, "count": n} for name, n in sorted(buckets.items())],  # input buckets of the rows
         "rows_written": report.kept,
-        "checkpoint": str(directory),
+        "checkpoint": checkpoint,
         "input": cfg.input,
         "input_kind": source.kind,
         "shards": source.shards,

@@ -20,6 +20,7 @@ from imp_platform.config.base import apply_overrides
 from imp_platform.config.infer import InferConfig
 from imp_platform.config.pipeline import PipelineConfig, load_pipeline
 from imp_platform.data import manifest as manifest_io
+from imp_platform.data import modalities as registry
 from imp_platform.data.dataset import TOKENIZER_NAME, DatasetCard, pipeline_of, read_tokenizer
 from imp_platform.data.sources import filesystem, join
 
@@ -27,10 +28,6 @@ if TYPE_CHECKING:
     import ray.data
 
     from imp_platform.config.train import PretrainConfig
-
-# Pipeline modality -> the encoder modalities its columns feed.
-ENCODER_MODALITIES = {"video": ("video",), "image": ("image",), "audio": ("audio_mel",), "text": ("text",)}
-
 
 @dataclass
 class InferenceInput:
@@ -69,15 +66,12 @@ def _run_tokenizer(run_cfg: PretrainConfig | None) -> str | None:
 
 def open_shards(pipe: PipelineConfig, run_cfg: PretrainConfig | None) -> InferenceInput:
     """Raw shards through the preprocess read -> decode graph (packed rows of every bucket)."""
-    from imp_platform.data.pipeline import decoded_dataset, resolve_tokenizer
+    from imp_platform.data.pipeline import bucket_layouts, decoded_dataset, resolve_tokenizer
 
     ds, listing = decoded_dataset(pipe)
-    enabled = pipe.modalities.enabled
-    modalities = [m for name in enabled for m in ENCODER_MODALITIES[name]]
-    if "audio" in enabled and pipe.audio.waveform:
-        modalities.append("audio_wave")
-    tokenizer = resolve_tokenizer(pipe, listing.shards) if "text" in enabled else _run_tokenizer(run_cfg)
-    return InferenceInput(ds, "shards", DatasetCard.from_config(pipe.dataset), tokenizer, tuple(modalities),
+    columns = {c for layout in bucket_layouts(pipe).values() for c in layout}
+    tokenizer = resolve_tokenizer(pipe, listing.shards) if "text" in pipe.modalities.enabled else _run_tokenizer(run_cfg)
+    return InferenceInput(ds, "shards", DatasetCard.from_config(pipe.dataset), tokenizer, registry.present(columns),
                           None, listing.skipped, len(listing.shards))
 
 
@@ -107,7 +101,6 @@ def open_processed(path: str, pipe: PipelineConfig, run_cfg: PretrainConfig | No
 
     from imp_platform.data.pipeline import IO_TASK_CPUS
     from imp_platform.data.stream import ProcessedDataset
-    from imp_platform.train.tasks import COLUMNS
 
     storage = pipe.source.storage_options
     split = ProcessedDataset.open(path, storage)
@@ -118,10 +111,9 @@ def open_processed(path: str, pipe: PipelineConfig, run_cfg: PretrainConfig | No
     ds = names.map_batches(read_buckets, batch_size=1, num_cpus=IO_TASK_CPUS,
                            fn_kwargs={"root": split.root, "storage_options": storage, "batch_size": batch_size})
     stored = set().union(*(b.columns for b in buckets))
-    modalities = tuple(m for m, cols in COLUMNS.items() if all(c in stored for c in cols))
     lengths = [b.shape["text_ids"][0] for b in buckets if "text_ids" in b.shape]
     card = DatasetCard.from_manifest(split.manifest) or DatasetCard.from_config(pipe.dataset)
-    return InferenceInput(ds, "processed", card, _processed_tokenizer(split.root, storage, run_cfg), modalities,
+    return InferenceInput(ds, "processed", card, _processed_tokenizer(split.root, storage, run_cfg), registry.present(stored),
                           max(lengths) if lengths else None)
 
 

@@ -24,14 +24,13 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from imp_platform.data.buckets import TOKEN_COLUMNS, bucket_name
-from imp_platform.data.pipeline import TENSOR_COLUMNS
+from imp_platform.data import modalities as registry
+from imp_platform.data.buckets import bucket_name
+from imp_platform.data.pipeline import tensor_columns
 from imp_platform.eval.zeroshot import Prompts, class_space, encode_prompts, text_space
-from imp_platform.train.tasks import COLUMNS, encode, to_inputs
+from imp_platform.train.tasks import encode, to_inputs
 
 Batch = dict[str, np.ndarray]
-# Captions are generated from the first of these a row has.
-CAPTION_SOURCES = ("video", "image", "audio_mel", "audio_wave")
 # Columns the driver reads and drops (counting skips) before writing.
 SKIP_KIND, SKIP_DETAIL = "skip_kind", "skip_detail"
 
@@ -40,12 +39,13 @@ SKIP_KIND, SKIP_DETAIL = "skip_kind", "skip_detail"
 class PredictorSpec:
     """Everything an actor needs besides the batches (plain data, shipped once per actor)."""
 
-    checkpoint: str  # local directory holding model.safetensors + config.json
+    checkpoint: str  # a run checkpoint or exported model: a local directory or an s3:// URI
     what: tuple[str, ...]
     modalities: tuple[str, ...]  # model modalities the output has columns for
     batch_size: int
     seed: int
     heads: dict[str, str] = field(default_factory=dict)  # classification head -> the modality it reads
+    storage_options: dict[str, Any] = field(default_factory=dict)  # s3fs options of an s3:// checkpoint
     prompts: Prompts | None = None  # tokenized class prompts (zeroshot)
     num_classes: int | None = None
     tokenizer_json: str | None = None  # turns generated ids into text (caption)
@@ -59,8 +59,8 @@ def _tensors(batch: Batch) -> tuple[np.ndarray, list[str], list[dict[str, np.nda
     Output rows are the batch's rows that start a sample (``view`` 0); skipped rows hold no tensors.
     """
     if "layout" not in batch:  # one bucket's uniform rows (a processed split)
-        columns = [c for c in TENSOR_COLUMNS if c in batch]
-        name = bucket_name({c: list(batch[c].shape[1:]) for c in TOKEN_COLUMNS if c in batch})
+        columns = [c for c in tensor_columns() if c in batch]
+        name = bucket_name({c: list(batch[c].shape[1:]) for c in registry.token_columns() if c in batch})
         n = len(batch["key"])
         return np.arange(n), [name] * n, [{c: batch[c][i] for c in columns} for i in range(n)]
     first = np.flatnonzero(batch["view"] == 0)
@@ -125,11 +125,13 @@ class Predictor:
     zero-shot, embeds the class prompts once."""
 
     def __init__(self, spec: PredictorSpec) -> None:
+        from imp_platform.infer.batch import local_checkpoint
         from imp_platform.train.checkpoint import load_model
 
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, model_cfg = load_model(spec.checkpoint)
+        with local_checkpoint(spec.checkpoint, spec.storage_options) as directory:  # each actor downloads its own
+            model, model_cfg = load_model(directory)
         self.model = model.to(self.device)
         self.d_model, self.d_common = model_cfg.d_model, model_cfg.d_common
         self.classes: dict[str, torch.Tensor] = {}
@@ -177,7 +179,7 @@ class Predictor:
         bucket.put(out, buckets)
         cols = self._columns(n)
         for m in self.encoded:
-            for members, stacked in _shape_groups(tensors, COLUMNS[m]):
+            for members, stacked in _shape_groups(tensors, registry.modality(m).columns):
                 for start in range(0, len(members), self.spec.batch_size):
                     part = slice(start, start + self.spec.batch_size)
                     self._embed(m, {c: v[part] for c, v in stacked.items()}, out[members[part]], cols)
@@ -205,14 +207,14 @@ class Predictor:
     def _captions(self, tensors: list[dict[str, np.ndarray]], out: np.ndarray, column: _Column) -> None:
         """Generated captions from each row's first caption source (video, else image, else audio)."""
         todo = list(range(len(tensors)))
-        for m in CAPTION_SOURCES:
+        for m in registry.media():  # the first one a row has
             sources = [tensors[i] for i in todo]
-            for members, stacked in _shape_groups(sources, COLUMNS[m]):
+            for members, stacked in _shape_groups(sources, registry.modality(m).columns):
                 rows = np.array([todo[i] for i in members])
                 for start in range(0, len(rows), self.spec.batch_size):
                     part = slice(start, start + self.spec.batch_size)
                     column.put(out[rows[part]], self._caption(m, {c: v[part] for c, v in stacked.items()}))
-            todo = [i for i in todo if not all(c in tensors[i] for c in COLUMNS[m])]
+            todo = [i for i in todo if not all(c in tensors[i] for c in registry.modality(m).columns)]
 
     def _common(self, features: torch.Tensor, modality: str) -> torch.Tensor:
         """Unit-norm embedding in the common space: towards text, or (text itself) towards vision."""

@@ -8,13 +8,11 @@ Typical use::
     z = model.project(out.pooled, "video", "text")        # [B, d_common]
 """
 
-from imp_platform.model.embed import MODALITIES
 from imp_platform.model.imp import EncoderOutput, IMPModel, build_model
 from imp_platform.model.io import load_pretrained, save_pretrained
 from imp_platform.model.presets import PRESETS, count_params, preset
 
 __all__ = [
-    "MODALITIES",
     "PRESETS",
     "EncoderOutput",
     "IMPModel",

@@ -38,7 +38,7 @@ class DecoderCache:
 
 @dataclass
 class DecoderOutput:
-    logits: torch.Tensor  # [B, T, vocab_size + 2]
+    logits: torch.Tensor | None  # [B, T, vocab_size + 2]; None when only the unimodal layers ran
     text: torch.Tensor  # [B, T, d] normalized unimodal output; row t embeds tokens 0..t
 
 
@@ -102,9 +102,13 @@ class TextDecoder(nn.Module):
         self.text_norm = nn.LayerNorm(d, bias=cfg.bias)
         self.norm = nn.LayerNorm(d, bias=cfg.bias)
 
-    def forward(self, ids: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, ids: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None = None,
                 cache: DecoderCache | None = None) -> DecoderOutput:
-        """``ids`` [B, T] (the tokens after those in ``cache``) over ``context`` [B, N, d] -> logits [B, T, V]."""
+        """``ids`` [B, T] (the tokens after those in ``cache``) over ``context`` [B, N, d] -> logits [B, T, V].
+
+        Without ``context`` only the unimodal layers run: the text embedding (CoCa's contrastive
+        text side), no logits. Kept in ``forward`` so FSDP gathers the decoder's weights for it too.
+        """
         start = cache.length if cache is not None else 0
         if start + ids.shape[1] > self.max_len:
             raise ValueError(f"decoder input of {start + ids.shape[1]} tokens exceeds "
@@ -114,6 +118,8 @@ class TextDecoder(nn.Module):
         for i, block in enumerate(self.blocks):
             if i == self.unimodal_depth:
                 text = self.text_norm(x)
+                if context is None:
+                    return DecoderOutput(logits=None, text=text)
             x = block(x, context, mask, cache, i)
         if cache is not None:
             cache.length = start + ids.shape[1]

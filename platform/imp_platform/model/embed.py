@@ -9,6 +9,7 @@ Inputs whose sizes are not multiples of the patch are cropped to the largest mul
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,10 +17,7 @@ import torch
 from torch import nn
 
 from imp_platform.config.model import ModelConfig
-
-MODALITIES = ("video", "image", "audio_mel", "audio_wave", "text")
-# Images and video share the tubelet embedder and the type embedding (IMP feeds images as clips).
-TYPE_IDS = {"video": 0, "image": 0, "audio_mel": 1, "audio_wave": 2, "text": 3}
+from imp_platform.data import modalities as registry
 
 
 @dataclass
@@ -28,27 +26,10 @@ class Embedded:
     mask: torch.Tensor | None  # [B, N] True = real token; None = all real
 
 
-def check_modality(modality: str) -> None:
-    if modality not in MODALITIES:
-        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
-
-
 def grid_shape(cfg: ModelConfig, modality: str, shape: Sequence[int]) -> tuple[int, int, int]:
     """Token grid (t, h, w) for one sample of per-sample ``shape`` (no batch dimension)."""
-    check_modality(modality)
-    pt, ph, pw = cfg.video_patch
-    if modality == "video":
-        t, h, w = shape[0], shape[1], shape[2]
-        grid = (t // pt, h // ph, w // pw)
-    elif modality == "image":
-        grid = (1, shape[0] // ph, shape[1] // pw)
-    elif modality == "audio_mel":
-        pf, pm = cfg.audio_patch
-        grid = (shape[0] // pf, shape[1] // pm, 1)
-    elif modality == "audio_wave":
-        grid = (shape[0] // cfg.wave_patch, 1, 1)
-    else:
-        grid = (shape[0], 1, 1)
+    spec = registry.modality(modality)
+    grid = spec.grid(shape, spec.model_patch(cfg))
     if min(grid) < 1:
         raise ValueError(f"{modality} input of shape {tuple(shape)} is smaller than one patch")
     return grid
@@ -138,47 +119,87 @@ class ConvTubelets(nn.Module):
         return self.proj(x.reshape(batch, nt * nh * nw, -1))
 
 
+def _tubelet_stem(cfg: ModelConfig, spec: registry.Modality) -> nn.Module:
+    pt, ph, pw = cfg.video_patch
+    return ConvTubelets(cfg) if cfg.vision_stem == "conv" else nn.Linear(pt * ph * pw * 3, cfg.d_model, bias=cfg.bias)
+
+
+def _patch_stem(cfg: ModelConfig, spec: registry.Modality) -> nn.Module:
+    return nn.Linear(math.prod(spec.model_patch(cfg)), cfg.d_model, bias=cfg.bias)
+
+
+def _token_stem(cfg: ModelConfig, spec: registry.Modality) -> nn.Module:
+    table = nn.Embedding(cfg.vocab_size, cfg.d_model)
+    nn.init.normal_(table.weight, std=0.02)
+    return table
+
+
+# Input layer factories named by ``Modality.stem``: tubelets take pixel clips (an image as a clip
+# of video_patch[0] frames), patches cut float features into flat patches, tokens look ids up.
+STEMS = {"tubelets": _tubelet_stem, "patches": _patch_stem, "tokens": _token_stem}
+
+
+def patchify(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
+    """[B, d_1..d_k, *rest] -> [B, prod(n_i), prod(p_i) * prod(rest)], n_i = d_i // p_i whole patches, row-major."""
+    batch, k = x.shape[0], len(patch)
+    counts = [x.shape[1 + i] // p for i, p in enumerate(patch)]
+    x = x[(slice(None), *(slice(0, n * p) for n, p in zip(counts, patch, strict=True)))]
+    x = x.reshape(batch, *(v for n, p in zip(counts, patch, strict=True) for v in (n, p)), *x.shape[1 + k:])
+    order = [0, *range(1, 2 * k, 2), *range(2, 2 * k + 1, 2), *range(2 * k + 1, x.dim())]
+    return x.permute(order).reshape(batch, math.prod(counts), -1)
+
+
 class Embedders(nn.Module):
-    """All modality-specific input layers; outputs tokens with position and type added."""
+    """All modality-specific input layers (one per registry ``embedder`` name, built in registry
+    order so parameter names and init stay put); outputs tokens with position and type added."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        pt, ph, pw = cfg.video_patch
-        pf, pm = cfg.audio_patch
-        self.vision = (ConvTubelets(cfg) if cfg.vision_stem == "conv"
-                       else nn.Linear(pt * ph * pw * 3, d, bias=cfg.bias))
-        self.audio_mel = nn.Linear(pf * pm, d, bias=cfg.bias)
-        self.audio_wave = nn.Linear(cfg.wave_patch, d, bias=cfg.bias)
-        self.text = nn.Embedding(cfg.vocab_size, d)
-        nn.init.normal_(self.text.weight, std=0.02)
+        self.stem_names = tuple(dict.fromkeys(spec.embedder for spec in registry.MODALITIES.values()))
+        for name in self.stem_names:
+            spec = next(m for m in registry.MODALITIES.values() if m.embedder == name)
+            self.add_module(name, STEMS[spec.stem](cfg, spec))
         self.positions = FactorizedPositions(cfg.max_positions, d)
         self.text_positions = nn.Parameter(torch.randn(cfg.max_text_len, d) * 0.02)
-        self.types = nn.Parameter(torch.randn(max(TYPE_IDS.values()) + 1, d) * 0.02)
+        types = max(spec.type_id for spec in registry.MODALITIES.values()) + 1
+        self.types = nn.Parameter(torch.randn(types, d) * 0.02)
+
+    def stems(self) -> list[nn.Module]:
+        """The per-modality input layers (FSDP gathers each on its own)."""
+        return [getattr(self, name) for name in self.stem_names]
 
     def forward(
         self, modality: str, inputs: torch.Tensor, mask: torch.Tensor | None = None, drop_rate: float = 0.0
     ) -> Embedded:
-        check_modality(modality)
-        if modality == "text":
+        spec = registry.modality(modality)
+        if spec.stem == "tokens":
             tokens, coords = self._text(inputs)
         else:
-            layer = self.vision if modality in ("video", "image") else getattr(self, modality)
-            if isinstance(layer, ConvTubelets):
-                clips, grid = self._clips(modality, inputs)
-                tokens = layer(clips, grid)
+            self._check_input(spec, inputs)
+            layer = getattr(self, spec.embedder)
+            if spec.stem == "tubelets":
+                clips, grid = self._clips(spec, inputs)
+                tokens = layer(clips, grid) if isinstance(layer, ConvTubelets) else layer(
+                    patchify(clips, self.cfg.video_patch).to(layer.weight.dtype))
             else:
-                patches, grid = self._patchify(modality, inputs)
-                tokens = layer(patches.to(layer.weight.dtype))
+                grid = grid_shape(self.cfg, modality, inputs.shape[1:])
+                tokens = layer(patchify(inputs.float(), spec.model_patch(self.cfg)).to(layer.weight.dtype))
             coords = normalized_coords(grid, inputs.device).expand(tokens.shape[0], -1, -1)
             mask = None
         tokens, coords, mask = drop_tokens(tokens, coords, mask, drop_rate)
-        if modality == "text":
+        if spec.stem == "tokens":
             tokens = tokens + self.text_positions[coords[..., 0].long()]
         else:
             tokens = tokens + self.positions(coords).to(tokens.dtype)
-        return Embedded(tokens + self.types[TYPE_IDS[modality]], mask)
+        return Embedded(tokens + self.types[spec.type_id], mask)
+
+    def _check_input(self, spec: registry.Modality, x: torch.Tensor) -> None:
+        expected = spec.input_shape(self.cfg)
+        if x.dim() != len(expected) + 1 or any(e is not None and x.shape[1 + i] != e for i, e in enumerate(expected)):
+            dims = ", ".join("*" if e is None else str(e) for e in expected)
+            raise ValueError(f"{spec.name} input must be [B, {dims}], got {tuple(x.shape)}")
 
     def _text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if ids.dim() != 2:
@@ -191,35 +212,11 @@ class Embedders(nn.Module):
         coords[..., 0] = torch.arange(length, device=ids.device, dtype=torch.float32)
         return self.text(ids.long()), coords
 
-    def _clips(self, modality: str, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Video or image (as a clip of ``video_patch[0]`` frames) in [0, 1] -> [B, T, H, W, 3] in [-1, 1],
-        cropped to whole tubelets."""
-        if modality == "image":
-            if x.dim() != 4:
-                raise ValueError(f"image input must be [B, H, W, 3], got {tuple(x.shape)}")
-            x = x.unsqueeze(1).expand(-1, self.cfg.video_patch[0], -1, -1, -1)
-        elif x.dim() != 5:
-            raise ValueError(f"video input must be [B, T, H, W, 3], got {tuple(x.shape)}")
-        nt, nh, nw = grid_shape(self.cfg, "video", x.shape[1:])
+    def _clips(self, spec: registry.Modality, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Pixels in [0, 1] -> [B, T, H, W, 3] in [-1, 1] cropped to whole tubelets; a frameless input
+        (no temporal grid axis: an image) becomes a clip of ``video_patch[0]`` copies of itself."""
+        nt, nh, nw = grid_shape(self.cfg, spec.name, x.shape[1:])
+        if 0 not in spec.grid_axes:
+            x = x.unsqueeze(1).expand(-1, self.cfg.video_patch[0], *([-1] * (x.dim() - 1)))
         pt, ph, pw = self.cfg.video_patch
         return x[:, : nt * pt, : nh * ph, : nw * pw].float() * 2.0 - 1.0, (nt, nh, nw)
-
-    def _patchify(self, modality: str, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Cut ``x`` (batched) into flat patches [B, N, patch_dim] on the token grid."""
-        batch = x.shape[0]
-        grid = grid_shape(self.cfg, modality, x.shape[1:])
-        nt, nh, nw = grid
-        if modality in ("video", "image"):
-            x, _ = self._clips(modality, x)
-            pt, ph, pw = self.cfg.video_patch
-            x = x.reshape(batch, nt, pt, nh, ph, nw, pw, 3).permute(0, 1, 3, 5, 2, 4, 6, 7)
-            return x.reshape(batch, nt * nh * nw, -1), grid
-        if modality == "audio_mel":
-            if x.dim() != 3 or x.shape[2] != self.cfg.mel_bins:
-                raise ValueError(f"audio_mel input must be [B, F, {self.cfg.mel_bins}], got {tuple(x.shape)}")
-            pf, pm = self.cfg.audio_patch
-            x = x[:, : nt * pf].float().reshape(batch, nt, pf, nh, pm).permute(0, 1, 3, 2, 4)
-            return x.reshape(batch, nt * nh, -1), grid
-        if x.dim() != 2:
-            raise ValueError(f"audio_wave input must be [B, S], got {tuple(x.shape)}")
-        return x[:, : nt * self.cfg.wave_patch].float().reshape(batch, nt, -1), grid

@@ -11,6 +11,7 @@ gradients), so a training step is 3x the forward.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import nn
@@ -62,19 +63,19 @@ def conv_stem_forward(cfg: ModelConfig, frames: int, height: int, width: int, tu
 
 def embed_forward(cfg: ModelConfig, modality: str, shape: Sequence[int]) -> float:
     """The input stem's forward FLOPs for one sample of ``shape`` (runs on every token, before DropToken)."""
+    from imp_platform.data import modalities as registry
     from imp_platform.model.embed import grid_shape
 
+    spec = registry.modality(modality)
     t, h, w = grid_shape(cfg, modality, shape)
     pt, ph, pw = cfg.video_patch
-    if modality in ("video", "image"):
+    if spec.stem == "tubelets":
         if cfg.vision_stem == "conv":  # an image runs as a clip of pt copies of itself
             return conv_stem_forward(cfg, t * pt, h * ph, w * pw, t * h * w)
         return matmul(t * h * w, pt * ph * pw * 3, cfg.d_model)
-    if modality == "audio_mel":
-        return matmul(t * h * w, cfg.audio_patch[0] * cfg.audio_patch[1], cfg.d_model)
-    if modality == "audio_wave":
-        return matmul(t * h * w, cfg.wave_patch, cfg.d_model)
-    return 0.0  # text: an embedding lookup
+    if spec.stem == "patches":
+        return matmul(t * h * w, math.prod(spec.model_patch(cfg)), cfg.d_model)
+    return 0.0  # tokens: an embedding lookup
 
 
 def sample_forward(cfg: ModelConfig, modality: str, shape: Sequence[int], drop_rate: float = 0.0) -> float:

@@ -14,16 +14,11 @@ import torch
 from torch import nn
 
 from imp_platform.config.model import ModelConfig
-
-FAMILIES = ("vision", "audio", "text")
-FAMILY_OF = {"video": "vision", "image": "vision", "audio_mel": "audio", "audio_wave": "audio", "text": "text"}
+from imp_platform.data import modalities as registry
 
 
 def family(modality: str) -> str:
-    try:
-        return FAMILY_OF[modality]
-    except KeyError:
-        raise ValueError(f"unknown modality {modality!r}; expected one of {tuple(FAMILY_OF)}") from None
+    return registry.modality(modality).family
 
 
 def pair_key(source: str, target: str) -> str:
@@ -42,19 +37,19 @@ def mean_pool(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 class Heads(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        d, common = cfg.d_model, cfg.d_common
+        d, common, families = cfg.d_model, cfg.d_common, registry.families()
         if cfg.pair_mlp:
             self.projections = nn.ModuleDict(
                 {
                     f"{s}_to_{t}": nn.Sequential(nn.Linear(d, d, bias=cfg.bias), nn.GELU(), nn.Linear(d, common, bias=cfg.bias))
-                    for s, t in itertools.product(FAMILIES, FAMILIES)
+                    for s, t in itertools.product(families, families)
                     if s != t
                 }
             )
         else:
-            self.projections = nn.ModuleDict({s: nn.Linear(d, common, bias=cfg.bias) for s in FAMILIES})
+            self.projections = nn.ModuleDict({s: nn.Linear(d, common, bias=cfg.bias) for s in families})
         self.pair_mlp = cfg.pair_mlp
-        pairs = ["-".join(p) for p in itertools.combinations_with_replacement(sorted(FAMILIES), 2)]
+        pairs = ["-".join(p) for p in itertools.combinations_with_replacement(sorted(families), 2)]
         init = torch.tensor(cfg.log_temperature_init())
         self.log_temperatures = nn.ParameterDict({p: nn.Parameter(init.clone()) for p in pairs})
         self.classifiers = nn.ModuleDict({name: nn.Linear(d, n) for name, n in cfg.heads.items()})

@@ -49,9 +49,15 @@ class IMPModel(nn.Module):
     def encode(
         self, modality: str, inputs: torch.Tensor, *, mask: torch.Tensor | None = None, drop_rate: float = 0.0
     ) -> EncoderOutput:
-        """Encode one batch of one modality (see ``embed`` for input layouts)."""
+        """Encode one batch of one modality (see ``embed`` for input layouts).
+
+        Text of a model with a decoder is CoCa's unimodal text embedding (``unimodal_text``), so
+        training, zero-shot eval and inference, which all embed text here, use the same one.
+        """
         if modality == "text" and mask is not None and mask.shape != inputs.shape:
             raise ValueError(f"text mask shape {tuple(mask.shape)} != ids shape {tuple(inputs.shape)}")
+        if modality == "text" and self.decoder is not None:
+            return self.unimodal_text(inputs, mask)
         emb = self.embed(modality, inputs, mask=mask if modality == "text" else None, drop_rate=drop_rate)
         x, mask = emb.tokens, emb.mask
         if mask is not None and bool(mask.all()):
@@ -77,6 +83,17 @@ class IMPModel(nn.Module):
             moe=result.moe,
             queries=queries,
         )
+
+    def unimodal_text(self, ids: torch.Tensor, mask: torch.Tensor | None) -> EncoderOutput:
+        """CoCa's text side: the decoder's unimodal output at the last real token of ``[BOS] + ids``
+        (causal and right-padded, so it has seen the whole caption and no padding)."""
+        assert self.decoder is not None
+        out = self.decoder(decoder_inputs(ids, self.decoder.bos_id), None)
+        real = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        real = torch.cat([real.new_ones(real.shape[0], 1), real.bool()], dim=1)  # BOS
+        return EncoderOutput(pooled=self.decoder.text_embedding(out, real.sum(dim=1)), tokens=out.text,
+                             mask=None if bool(real.all()) else real,
+                             aux_loss=out.text.new_zeros((), dtype=torch.float32))
 
     def decoder_context(self, out: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the text decoder cross-attends to: the pooler's queries, else every encoder token (and mask)."""

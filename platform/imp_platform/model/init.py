@@ -77,15 +77,10 @@ def read_model(path: str, storage_options: dict[str, Any] | None = None) -> tupl
 
 
 def _read_local(directory: Path) -> tuple[State, ModelConfig]:
-    """``load_model`` reads both kinds (an exported dir is an unsharded checkpoint); a run checkpoint is verified first."""
-    from imp_platform.train import checkpoint as ckpt
+    """``load_model`` reads both kinds (an exported dir is an unsharded checkpoint) and verifies a run checkpoint."""
+    from imp_platform.train.checkpoint import load_model
 
-    if (directory / ckpt.COMPLETE).exists():
-        ckpt.verify_complete(directory)
-    elif (directory / ckpt.TRAIN_STATE).exists():
-        raise CheckpointError(f"{directory}: a run checkpoint without {ckpt.COMPLETE}: not completely written; "
-                              f"refusing it")
-    model, cfg = ckpt.load_model(directory)
+    model, cfg = load_model(directory)
     return model.state_dict(), cfg
 
 

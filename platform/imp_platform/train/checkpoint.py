@@ -176,18 +176,31 @@ def load_run_config(directory: str | Path) -> PretrainConfig:
     return load_pretrain_config(Path(directory) / RUN_CONFIG)
 
 
-def load_model(directory: str | Path) -> tuple[torch.nn.Module, Any]:
-    """(model, ModelConfig) from a checkpoint directory, on CPU in eval mode (a sharded one consolidated).
+def verify_model_dir(directory: str | Path) -> Path:
+    """``directory`` as a Path once it is known to hold a whole model: an exported model dir
+    (``config.json`` + ``model.safetensors``, no training state) or a complete run checkpoint.
 
-    Anything but an exported model dir (``config.json`` + ``model.safetensors`` and no training
-    state) is a run checkpoint and must be complete: eval and inference never read a half-uploaded
-    one, whichever of its files the interrupted upload had copied.
+    Anything else is taken for a run checkpoint and must pass ``verify_complete``: eval, inference
+    and ``model.init_from`` never read a half-uploaded one, whichever of its files the interrupted
+    upload had copied. ``FileNotFoundError`` when there is no such directory.
     """
-    from imp_platform.model.io import CONFIG, WEIGHTS, load_pretrained
+    from imp_platform.model.io import CONFIG, WEIGHTS
 
-    files = {p.name for p in Path(directory).iterdir()} if Path(directory).is_dir() else None
-    if files is not None and (TRAIN_STATE in files or not {CONFIG, WEIGHTS} <= files):
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {directory} (a run checkpoint or an exported model directory)")
+    files = {p.name for p in directory.iterdir()}
+    if COMPLETE in files or TRAIN_STATE in files or not {CONFIG, WEIGHTS} <= files:
         verify_complete(directory)
+    return directory
+
+
+def load_model(directory: str | Path) -> tuple[torch.nn.Module, Any]:
+    """(model, ModelConfig) from a checkpoint directory (``verify_model_dir``), on CPU in eval mode
+    (a sharded one consolidated)."""
+    from imp_platform.model.io import load_pretrained
+
+    verify_model_dir(directory)
     if is_sharded(directory):
         model, model_cfg = _consolidate(Path(directory))
     else:

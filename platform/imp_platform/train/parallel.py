@@ -155,7 +155,7 @@ def _fully_shard(model: nn.Module, device: torch.device, ignored: set[nn.Paramet
 def _units(model: nn.Module) -> list[nn.Module]:
     """Modules gathered on their own: blocks (always run) and the per-modality / per-task input and output layers."""
     embed, heads = model.embed, model.heads
-    inputs = [embed.vision, embed.audio_mel, embed.audio_wave, embed.text, embed.positions]
+    inputs = [*embed.stems(), embed.positions]
     decoder = [model.decoder] if getattr(model, "decoder", None) is not None else []  # captioning runs it outside encode
     return [*model.encoder.blocks, *inputs, *heads.projections.values(), *heads.classifiers.values(), *decoder]
 

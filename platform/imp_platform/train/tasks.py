@@ -15,20 +15,16 @@ import numpy as np
 import torch
 
 from imp_platform.config.train import PretrainConfig, TaskConfig
+from imp_platform.data import modalities as registry
 from imp_platform.data.captions import IDS as CAPTIONS_IDS
 from imp_platform.data.captions import flatten_captions
-
-# Processed columns each model modality reads.
-COLUMNS = {"video": ["video"], "image": ["image"], "audio_mel": ["audio_mel"], "audio_wave": ["audio_wave"],
-           "text": ["text_ids", "text_mask"]}
-
 
 def task_columns(task: TaskConfig) -> list[str]:
     """The processed columns a task's batches carry: its modalities', a distill teacher's inputs
     (or its stored outputs), the label."""
     distill = [o for o in task.objectives if o.kind == "distill"]
     teacher = [m for o in distill if not o.teacher_column for m in o.teacher_modalities]
-    cols = list(dict.fromkeys([*(c for m in [*task.modalities, *teacher] for c in COLUMNS[m]),
+    cols = list(dict.fromkeys([*(c for m in [*task.modalities, *teacher] for c in registry.modality(m).columns),
                                *(o.teacher_column for o in distill if o.teacher_column)]))
     if any(o.uses_labels for o in task.objectives):
         cols.append(task.label)
@@ -98,7 +94,7 @@ def tokens_per_sample(model: Any, task: TaskConfig, shapes: dict[str, list[int]]
     """Encoder tokens one sample of ``task`` costs after DropToken (the budget counts kept tokens;
     MIL-NCE over several captions counts all K of them)."""
     texts = shapes[CAPTIONS_IDS][0] if several_captions(task, shapes) else 1
-    return sum(int(model.num_tokens(m, tuple(shapes[COLUMNS[m][0]]), task.drop_rate(m))) * (texts if m == "text" else 1)
+    return sum(int(model.num_tokens(m, tuple(shapes[registry.modality(m).column]), task.drop_rate(m))) * (texts if m == "text" else 1)
                for m in task.modalities)
 
 
@@ -117,11 +113,12 @@ class TaskOutput:
 
 def to_inputs(modality: str, batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, dict]:
     """Processed columns -> (model input, encode kwargs) for one modality."""
-    if modality == "text":
-        ids = torch.as_tensor(batch["text_ids"], dtype=torch.long, device=device)
-        return ids, {"mask": torch.as_tensor(batch["text_mask"], dtype=torch.bool, device=device)}
-    x = torch.as_tensor(batch[COLUMNS[modality][0]], device=device)
-    if modality in ("video", "image"):
+    spec = registry.modality(modality)
+    if spec.mask_column is not None:
+        ids = torch.as_tensor(batch[spec.column], dtype=torch.long, device=device)
+        return ids, {"mask": torch.as_tensor(batch[spec.mask_column], dtype=torch.bool, device=device)}
+    x = torch.as_tensor(batch[spec.column], device=device)
+    if spec.dtype == "uint8":  # pixels -> [0, 1]
         x = x.float().div_(255.0)
     return x.float(), {}
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from imp_platform.config import ConfigError
-from imp_platform.config.train import ObjectiveSpec
+from imp_platform.config.train import DistillObjective
 from imp_platform.train.tasks import encode
 
 COMMON_SPACE = "text"  # features are compared after projection towards this modality
@@ -78,7 +78,7 @@ def load_teacher(path: str, device: torch.device | str = "cpu") -> Teacher:
     return _CACHE[key]
 
 
-def distill_value(model: Any, head: str, modality: str, obj: ObjectiveSpec, outs: dict[str, Any],
+def distill_value(model: Any, head: str, modality: str, obj: DistillObjective, outs: dict[str, Any],
                   batch: dict[str, np.ndarray], labels: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The ``distill`` objective of one batch: ``alpha * T^2 * KL + (1 - alpha) * CE`` (or the
     cosine distance of common-space features in place of the KL with ``features: true``); the

@@ -26,9 +26,9 @@ import torch
 from imp_platform.config import ConfigError
 from imp_platform.config.train import PretrainConfig
 from imp_platform.data import manifest as manifest_io
+from imp_platform.data import modalities as registry
 from imp_platform.data.sources import filesystem, join
 from imp_platform.data.stream import ProcessedDataset
-from imp_platform.train.tasks import COLUMNS
 from imp_platform.train.teacher import load_teacher
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def store_teacher_logits(split: str, teacher: str, modalities: list[str], heads:
     the teacher's modalities; returns the rows written."""
     dataset = ProcessedDataset.open(split, storage_options)
     model = load_teacher(teacher)
-    needed = [c for m in modalities for c in COLUMNS[m]]
+    needed = [c for m in modalities for c in registry.modality(m).columns]
     manifest = dataset.manifest
     stale: list[str] = []
     rows = 0

@@ -15,7 +15,7 @@ from typing import Any
 
 from imp_platform.config import ConfigError
 from imp_platform.config.base import split_secrets
-from imp_platform.config.train import PretrainConfig
+from imp_platform.config.train import PretrainConfig, interval_seconds
 from imp_platform.train.phases import PhaseTimer
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ def build_trainer(cfg: PretrainConfig, *, callbacks: tuple = (), run_config: Any
         train_loop_per_worker,
         train_loop_config={"cfg": public, **({"resume_from": resume_from} if resume_from else {})},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=interval_seconds(cfg.run.elastic_resize_every)),
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
     )
