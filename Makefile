@@ -16,12 +16,14 @@ setup:
 demo: setup
 	$(UV) run --frozen python jobs/pretrain.py
 
+# Everything but the few runs of several minutes (marker `long`), which `make chaos` runs.
 test: setup
-	$(UV) run --frozen pytest $(PYTEST_ARGS)
+	$(UV) run --frozen pytest -m "not long" $(PYTEST_ARGS)
 
-# The fault-injection tests (marker `chaos`; also part of `make test`): kills, S3 faults, NaN batches.
+# The fault-injection tests (marker `chaos`; also part of `make test`): kills, S3 faults, NaN batches;
+# and the `long` ones: the two-node elastic run that loses a node and grows back.
 chaos: setup
-	$(UV) run --frozen pytest -m chaos $(PYTEST_ARGS)
+	$(UV) run --frozen pytest -m "chaos or long" $(PYTEST_ARGS)
 
 bench: setup
 	mkdir -p runs/bench

@@ -58,9 +58,12 @@ def ensure_local_ray() -> None:
         warnings.warn(f"local Ray: CPUs still reserved after the previous test ({ray.available_resources()}); "
                       "restarting it", stacklevel=2)
         ray.shutdown()
+    from imp_platform.train.trainer import child_pids, kill_new_children
+
     for attempt in range(3):  # a raylet that misses Ray's fixed 30 s start-up wait on a loaded box: retry
         if ray.is_initialized():
             break
+        started_before = child_pids()
         try:
             ray.init(
                 address="local",
@@ -75,6 +78,7 @@ def ensure_local_ray() -> None:
             )
         except Exception:  # Ray raises a bare Exception for the timeout
             ray.shutdown()
+            kill_new_children(started_before)
             if attempt == 2:
                 raise
 

@@ -104,6 +104,8 @@ def reduced_recipe(root: Path, storage: Path, debug: Path, steps: int) -> list[s
 
 
 @pytest.mark.slow
+@pytest.mark.chaos
+@pytest.mark.long  # ~2.5 min on the quiet 2-core machine: `make chaos`, not `make test`
 def test_elastic_sharded_run_over_two_nodes_survives_losing_one_and_grows_back(synth_shards, two_nodes, tmp_path):
     import ray
 
@@ -167,6 +169,22 @@ def test_elastic_sharded_run_over_two_nodes_survives_losing_one_and_grows_back(s
     last = {nodes[int(_lines(debug / f"rank{r}-pids")[-1])] for r in range(4)}
     assert len(last) == 2, "the grown-back workers do not use the returned node"
     print({name: round(t - marks["start"], 1) for name, t in marks.items()})
+
+
+@pytest.mark.slow
+def test_the_prod_recipe_trains_with_only_sizes_reduced(ray_local, processed_root, tmp_path):
+    """What `make test` runs of jobs/configs/imp_moe_b.yaml (the two-node run above is in `make chaos`):
+    FSDP + expert parallel 2 on two gloo workers of the shared local Ray, to a sharded checkpoint."""
+    from imp_platform.config.train import load_pretrain_config
+    from imp_platform.train.trainer import build_trainer
+
+    cfg = load_pretrain_config(REPO / "jobs/configs/imp_moe_b.yaml", [
+        *reduced_recipe(processed_root, tmp_path / "ray", tmp_path / "debug", steps=4), "run.num_workers=2"])
+    assert (cfg.parallel.data, cfg.parallel.expert, cfg.run.num_workers) == ("fsdp", 2, 2)
+    result = build_trainer(cfg).fit()
+    assert result.error is None, result.error
+    assert result.metrics["step"] == 4
+    assert (Path(result.checkpoint.path) / "dcp").is_dir()
 
 
 @pytest.mark.parametrize("value, message", [

@@ -118,6 +118,7 @@ def ensure_ray(cfg: PretrainConfig, attempts: int = 3) -> None:
         return
     for attempt in range(1, attempts + 1):
         dashboard = attempt < attempts
+        started_before = child_pids()
         try:
             if os.environ.get("RAY_ADDRESS"):
                 ray.init()
@@ -131,6 +132,30 @@ def ensure_ray(cfg: PretrainConfig, attempts: int = 3) -> None:
             log.warning("ray.init failed (%s); retrying (%d/%d)%s", exc, attempt, attempts,
                         "" if attempt + 1 < attempts else " without the dashboard")
             ray.shutdown()
+            kill_new_children(started_before)
+
+
+def child_pids() -> set[int]:
+    """PIDs of this process's descendants (to tell afterwards what a ``ray.init`` attempt started)."""
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def kill_new_children(before: set[int]) -> None:
+    """Kill this process's descendants that are not in ``before``: what a failed ``ray.init`` started.
+
+    A start-up timeout leaves the GCS, dashboard and monitor it had already started running
+    (``ray.shutdown`` knows no node to stop), and each retry would add another set.
+    """
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        if proc.pid not in before:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def _exists(url: str, storage_options: dict | None) -> bool:
@@ -226,7 +251,8 @@ def checkpoint_uri(cfg: PretrainConfig, path: str) -> str:
 
 def publish_report(cfg: PretrainConfig, metrics: dict[str, Any], history: list[dict[str, Any]],
                    classes: list[str] | None = None) -> tuple[str, str]:
-    """metrics.json and report.png in ``storage_path/name/report``, beside the checkpoints, local or s3://."""
+    """metrics.json, report.png (and captions.jsonl) in ``storage_path/name/report``, beside the checkpoints,
+    local or s3://."""
     import tempfile
 
     from imp_platform.data.sources import filesystem
@@ -239,6 +265,7 @@ def publish_report(cfg: PretrainConfig, metrics: dict[str, Any], history: list[d
     fs, base = filesystem(target, cfg.run.storage_options)
     fs.makedirs(base, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for path in write_outputs(metrics, history, tmp, title=cfg.run.name, classes=classes):
+        write_outputs(metrics, history, tmp, title=cfg.run.name, classes=classes)
+        for path in Path(tmp).iterdir():  # metrics.json, report.png and, with a decoder, captions.jsonl
             fs.put_file(str(path), f"{base}/{path.name}")
     return f"{target}/metrics.json", f"{target}/report.png"
