@@ -32,3 +32,21 @@ def kill_session(ray_tmp: Path) -> None:
                 proc.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+
+
+def driver_pid(script: str, marker: str) -> int:
+    """The pid of a submitted job's driver: the python process running ``script`` (e.g. jobs/tune.py)
+    with ``marker`` in one of its arguments (a test's own path, so no other job matches)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if len(argv) > 2 and argv[1].endswith(script) and any(marker in arg for arg in argv):
+            return int(proc.name)
+    raise AssertionError(f"no {script} driver with {marker} in its arguments")
+
+
+def lines(path: Path) -> list[str]:
+    """A debug file's lines (none if the file is not there yet)."""
+    return path.read_text().split("\n")[:-1] if path.exists() else []

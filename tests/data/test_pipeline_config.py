@@ -74,6 +74,7 @@ def test_unknown_key_is_named() -> None:
         ({"token_budget": 8192}, r"token_budget: unknown key"),  # budgets are per training task
         ({"image": None}, r"'image' is enabled but the image: section"),
         ({"source": {"paths": []}}, r"source\.paths"),
+        ({"decode": {"compute": "threads"}}, r"decode\.compute"),
     ],
 )
 def test_bad_values_name_the_key(changes: dict, pattern: str) -> None:

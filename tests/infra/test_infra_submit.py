@@ -22,11 +22,11 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import s3fs
 from infra_manifests import REPO, entrypoint_argv, of_kind, rendered
+from ray_session import driver_pid, lines
 
 EVERY, STEPS = 4, 12  # checkpoint interval and run length: the kill lands after the first registered checkpoint
 
@@ -49,22 +49,6 @@ def _registered_step(bucket: s3fs.S3FileSystem, run_dir: str) -> int:
     except FileNotFoundError:
         return 0
     return max((int(step) for step in re.findall(r"checkpoint_(\d{7})", snapshot)), default=0)
-
-
-def _driver_pid(marker: str) -> int:
-    """The job's driver: the python process running jobs/pretrain.py with ``marker`` in its arguments."""
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().decode().split("\0")
-        except (OSError, ValueError):
-            continue
-        if len(argv) > 2 and argv[1].endswith("jobs/pretrain.py") and any(marker in arg for arg in argv):
-            return int(proc.name)
-    raise AssertionError(f"no driver process with {marker} in its arguments")
-
-
-def _lines(path: Path) -> list[str]:
-    return path.read_text().split("\n")[:-1] if path.exists() else []
 
 
 def _submit(command: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -96,7 +80,7 @@ def test_pretrain_rayjob_entrypoint_runs_through_ray_job_submit_and_resumes_afte
     while not (registered := _registered_step(bucket, run_dir)):
         assert time.monotonic() < deadline, "no checkpoint registered in 600 s"
         time.sleep(0.5)
-    os.kill(_driver_pid(str(tmp_path)), signal.SIGKILL)
+    os.kill(driver_pid("jobs/pretrain.py", str(tmp_path)), signal.SIGKILL)
     assert registered < STEPS, f"the kill must land mid-run (registered: step {registered})"
 
     out = _submit([*command, "--", *argv, *overrides], ray_head["env"])
@@ -105,7 +89,7 @@ def test_pretrain_rayjob_entrypoint_runs_through_ray_job_submit_and_resumes_afte
     # A resume through Ray Train's restore of the run (not a restart from step 0): the second run's
     # workers start at the registered checkpoint (at most one interval lost), restored from the bucket.
     debug = tmp_path / "debug"
-    starts, restores = _lines(debug / "rank0-starts"), [line.split() for line in _lines(debug / "rank0-restores")]
+    starts, restores = lines(debug / "rank0-starts"), [line.split() for line in lines(debug / "rank0-restores")]
     assert starts[0] == "0" and int(starts[-1]) >= registered and len(starts) == 2, (starts, log)
     assert [(name, int(step)) for name, step, *_ in restores] == [("infra-e2e", int(starts[-1]))], restores
     assert restores[0][2].endswith(f"{run_dir}/checkpoint_{int(starts[-1]):07d}"), restores

@@ -124,9 +124,9 @@ def test_elastic_sharded_run_over_two_nodes_survives_losing_one_and_grows_back(s
                                reduced_recipe(root, tmp_path / "ray", debug, steps))
     marks = {"start": time.monotonic()}
 
-    # Preprocessing (Ray Data) on the cluster: its tasks and decode actors use both nodes' CPUs.
+    # Preprocessing (Ray Data) on the cluster: its read, decode (tasks or actors) and write use both nodes' CPUs.
     assert prepare_data(cfg)
-    assert len(_ran_on(cluster.address, ("ReadTarShards", "DecodeBatches", "Write"))) == 2
+    assert len(_ran_on(cluster.address, ("ReadTarShards", "DecodeBatches", "decode_batch", "Write"))) == 2
     marks["preprocessed"] = time.monotonic()
 
     outcome: dict = {}

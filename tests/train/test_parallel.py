@@ -1,7 +1,8 @@
 """``parallel:`` without Ray: FSDP2 on 2 gloo processes gives the replicated path's gradients and
 updates, gradient accumulation on 1 process equals 2 workers, activation checkpointing and
-compile leave gradients unchanged, and DCP checkpoints reshard 2 -> 1 -> 2 workers and
-consolidate into the exported weights."""
+compile leave gradients unchanged, DCP checkpoints reshard 2 -> 1 -> 2 workers and
+consolidate into the exported weights, checkpoints resume across layouts (replicate <-> FSDP,
+FSDP + expert parallel) and asynchronous ones hold their step's state; one Ray Train run on s3://."""
 
 from __future__ import annotations
 
@@ -155,7 +156,8 @@ def test_micro_batches_follow_the_worker_count_for_one_global_budget() -> None:
 
 @pytest.mark.parametrize(("override", "field"), [("parallel.data=zero", "parallel.data"),
                                                 ("parallel.expert=0", "parallel.expert"),
-                                                ("tasks.video_cls.global_token_budget=-1", "global_token_budget")])
+                                                ("tasks.video_cls.global_token_budget=-1", "global_token_budget"),
+                                                ("parallel.async_checkpoint=true", "async_checkpoint")])
 def test_bad_parallel_settings_name_the_field(override: str, field: str) -> None:
     from imp_platform.config import ConfigError
     from imp_platform.config.train import load_pretrain_config
@@ -176,9 +178,12 @@ def test_checkpointing_and_compile_leave_gradients_unchanged(setting, one_torch_
 
 # --- DCP checkpoints --------------------------------------------------------------------------
 
-def _save_sharded(rank: int, world: int, root: str, resume_from: str | None) -> None:
-    """FSDP on ``world`` ranks: resume from ``resume_from`` if given, else one step; save into
-    ``root/rank<r>`` (as each Ray worker does), with the full weights and optimizer state beside."""
+def _train_or_resume(rank: int, world: int, root: str, resume_from: str | None,
+                     parallel: ParallelConfig = ParallelConfig(data="fsdp"), asynchronous: bool = False) -> None:
+    """``parallel``'s layout on ``world`` ranks: resume from ``resume_from`` (a checkpoint of any
+    layout) if given, else one step; save into ``root/rank<r>`` (as each Ray worker does), with the
+    full weights and optimizer state beside (``root/full.pt``). ``asynchronous``: the shards are
+    written in the background while one more step changes the weights."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     from imp_platform.train import checkpoint as ckpt
@@ -187,20 +192,28 @@ def _save_sharded(rank: int, world: int, root: str, resume_from: str | None) -> 
 
     cfg = _cfg()
     model = _model(cfg)
-    plan = apply_parallelism(model, ParallelConfig(data="fsdp"), torch.device("cpu"))
+    plan = apply_parallelism(model, parallel, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg.optim)
     if resume_from:
-        ckpt.load_sharded(resume_from, model, optimizer)
+        ckpt.load_training_state(resume_from, ckpt.load_train_state(resume_from), model, optimizer)
     else:
         forward_backward(model, cfg, [CLS], [[_batch(rank)]], torch.device("cpu"), plan)
         optimizer.step()
-    ckpt.save_checkpoint(Path(root) / f"rank{rank}", rank=rank, world_size=world, rank_state={"rank": rank},
-                         model=model, model_cfg=resolve_model_config(cfg), cfg=cfg, train_state={"step": 1},
-                         optimizer=optimizer)
     optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     weights = full_state_dict(model)
     if rank == 0:
+        Path(root).mkdir(parents=True, exist_ok=True)
         torch.save({"model": weights, "optim": optim["state"]}, Path(root) / "full.pt")
+    train_state = {"step": 1} if plan.sharded else {"step": 1, "optimizer": optimizer.state_dict()}
+    group = ckpt.async_checkpoint_group() if asynchronous else None
+    pending = ckpt.start_checkpoint(
+        Path(root) / f"rank{rank}", rank=rank, world_size=world, rank_state={"rank": rank}, model=model,
+        model_cfg=resolve_model_config(cfg), cfg=cfg, train_state=train_state,
+        optimizer=optimizer if plan.sharded else None, async_group=group)
+    if asynchronous:
+        forward_backward(model, cfg, [NCE], [[_batch(rank)]], torch.device("cpu"), plan)
+        optimizer.step()
+    pending.finish()
 
 
 def _merged(root: Path) -> Path:
@@ -209,6 +222,33 @@ def _merged(root: Path) -> Path:
     for rank_dir in sorted(root.glob("rank*")):
         shutil.copytree(rank_dir, merged, dirs_exist_ok=True)
     return merged
+
+
+def _assert_same_state(got: dict[str, dict], want: dict[str, dict]) -> None:
+    """Same weights, and optimizer state (AdamW step and moments) for exactly the same parameters."""
+    _assert_close(got["model"], want["model"])
+    assert got["optim"].keys() == want["optim"].keys()
+    for name, state in want["optim"].items():
+        _assert_close(got["optim"][name], state)
+
+
+def _across_layouts(rank: int, root: str) -> None:
+    """Replicated on 2 ranks -> resumed by FSDP and by FSDP + expert parallel 2; FSDP's checkpoint
+    of that -> resumed replicated on 2 ranks; an FSDP checkpoint written asynchronously -> resumed
+    (every run records its full state in ``root/<name>``)."""
+    runs = {"replicate": (None, ParallelConfig()),
+            "fsdp": ("replicate", ParallelConfig(data="fsdp")),
+            "fsdp_ep": ("replicate", ParallelConfig(data="fsdp", expert=2)),
+            "replicate_again": ("fsdp", ParallelConfig()),
+            "async": (None, ParallelConfig(data="fsdp")),
+            "async_resumed": ("async", ParallelConfig(data="fsdp"))}
+    for name, (source, parallel) in runs.items():
+        resume_from = str(Path(root) / source / "merged") if source else None
+        _train_or_resume(rank, 2, str(Path(root) / name), resume_from, parallel, asynchronous=name == "async")
+        dist.barrier()
+        if rank == 0:
+            _merged(Path(root) / name)
+        dist.barrier()
 
 
 @pytest.mark.slow
@@ -222,15 +262,13 @@ def test_sharded_checkpoints_reshard_and_consolidate_into_the_export(tmp_path: P
     previous = None
     for name, world in (("two", 2), ("one", 1), ("two_again", 2)):
         root = tmp_path / name
-        _spawn(_save_sharded, world, world, str(root), previous)
+        _spawn(_train_or_resume, world, world, str(root), previous)
         previous = str(_merged(root))
         ckpt.verify_complete(previous)
         runs[name] = torch.load(root / "full.pt", weights_only=True)
     # Resumed on 1 worker, then on 2 again: the same weights and optimizer state as saved on 2.
     for name in ("one", "two_again"):
-        _assert_close(runs[name]["model"], runs["two"]["model"])
-        for key, state in runs["two"]["optim"].items():
-            _assert_close(runs[name]["optim"][key], state)
+        _assert_same_state(runs[name], runs["two"])
     # The consolidated shards (one process, no process group) are the model; exported, the same.
     assert ckpt.is_sharded(previous) and not (Path(previous) / WEIGHTS).exists()
     model, model_cfg = ckpt.load_model(previous)
@@ -244,26 +282,87 @@ def test_sharded_checkpoints_reshard_and_consolidate_into_the_export(tmp_path: P
         ckpt.verify_complete(previous)
 
 
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("layouts")
+    _spawn(_across_layouts, 2, str(root))
+    return root
+
+
+def test_checkpoints_resume_across_layouts(layouts: Path, one_torch_thread) -> None:
+    from imp_platform.train import checkpoint as ckpt
+
+    _train_or_resume(0, 1, str(layouts / "replicate_one"), str(layouts / "fsdp" / "merged"), ParallelConfig())
+    runs = {name: torch.load(layouts / name / "full.pt", weights_only=True)
+            for name in ("replicate", "fsdp", "fsdp_ep", "replicate_again", "replicate_one")}
+    assert ckpt.is_sharded(layouts / "fsdp" / "merged") and not ckpt.is_sharded(layouts / "replicate" / "merged")
+    # Only the stepped task's parameters have optimizer state: the others must stay without one.
+    assert 0 < len(runs["replicate"]["optim"]) < len(runs["replicate"]["model"])
+    for name in ("fsdp", "fsdp_ep", "replicate_again", "replicate_one"):
+        _assert_same_state(runs[name], runs["replicate"])
+
+
+def test_optimizer_state_of_another_model_is_refused_naming_the_file(tmp_path: Path, one_torch_thread) -> None:
+    from imp_platform.model.io import save_pretrained
+    from imp_platform.train import checkpoint as ckpt
+    from imp_platform.train.optim import build_optimizer
+    from imp_platform.train.tasks import resolve_model_config
+
+    cfg = _cfg()
+    model = _model(cfg)
+    save_pretrained(model, resolve_model_config(cfg), tmp_path)
+    one_group = torch.optim.AdamW(model.parameters()).state_dict()  # not build_optimizer's two groups
+    with pytest.raises(ckpt.CheckpointError, match=r"train_state\.pt: optimizer param groups of sizes \[\d+\]"):
+        ckpt.load_replicated(tmp_path, one_group, model, build_optimizer(model, cfg.optim))
+
+
+def test_an_async_checkpoint_holds_the_state_of_its_step(layouts: Path) -> None:
+    """The step taken while the shards were written is not in them; the files are complete."""
+    from imp_platform.train import checkpoint as ckpt
+
+    merged = layouts / "async" / "merged"
+    ckpt.verify_complete(merged)
+    listed = {name for saved in ckpt.load_rank_states(merged) for name in saved["files"]}
+    assert listed == {f"{ckpt.SHARDS}/{p.name}" for p in (merged / ckpt.SHARDS).iterdir()}  # sizes checked on load
+    runs = {name: torch.load(layouts / name / "full.pt", weights_only=True) for name in ("async", "async_resumed")}
+    _assert_same_state(runs["async_resumed"], runs["async"])
+
+
 @pytest.mark.slow
-def test_a_ray_train_fsdp_run_on_two_workers_resumes_on_one(ray_local, tiny_overrides, tmp_path: Path) -> None:
+def test_a_ray_train_fsdp_run_on_two_workers_resumes_on_one(ray_local, tiny_overrides, s3_server,
+                                                            tmp_path: Path) -> None:
+    """Through s3:// (moto), with the shards written asynchronously: checkpoints 2 and 4 are
+    complete in the bucket, the one of step 2 reported although step 4's write was started after it."""
+    import json
+
     from imp_platform.config.train import load_pretrain_config
     from imp_platform.train import checkpoint as ckpt
     from imp_platform.train.trainer import build_trainer
 
     debug = tmp_path / "debug"
-    settings = [*tiny_overrides, "parallel.data=fsdp", "run.name=fsdp", "run.eval_every=4", "run.checkpoint_every=4",
+    run_dir = f"s3://{s3_server['bucket']}/{tmp_path.name}"
+    settings = [*tiny_overrides, "parallel.data=fsdp", "parallel.async_checkpoint=true", "run.name=fsdp",
+                "run.eval_every=4", "run.checkpoint_every=2", f"run.storage_path={run_dir}",
+                f"run.storage_options={json.dumps(s3_server['storage_options'])}",
                 f"run.worker_env={{IMP_TRAIN_DEBUG_DIR: {debug}}}"]
     repo = Path(__file__).resolve().parents[2]
     first = build_trainer(load_pretrain_config(repo / "jobs/configs/pretrain.yaml",
                                                [*settings, "run.steps=4", "run.num_workers=2"])).fit()
     assert first.error is None and first.metrics["step"] == 4
     assert 0.0 <= first.metrics["zeroshot_video_top1"] <= 1.0  # eval ran on the gathered weights
-    with first.checkpoint.as_directory() as directory:
-        assert ckpt.is_sharded(directory) and len(list(Path(directory, ckpt.SHARDS).glob("*.distcp"))) == 2
-        model, _ = ckpt.load_model(directory)  # consolidated for eval and export
+    assert first.checkpoint.path.endswith("fsdp/checkpoint_0000004")
+    for step in (2, 4):
+        with ckpt.ray_checkpoint(f"{run_dir}/fsdp/checkpoint_{step:07d}",
+                                 s3_server["storage_options"]).as_directory() as directory:
+            ckpt.verify_complete(directory)
+            assert ckpt.is_sharded(directory) and len(list(Path(directory, ckpt.SHARDS).glob("*.distcp"))) == 2
+            if step == 4:
+                model, _ = ckpt.load_model(directory)  # consolidated for eval and export
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
     second = build_trainer(load_pretrain_config(repo / "jobs/configs/pretrain.yaml",
                                                 [*settings, "run.steps=6", "run.num_workers=1"])).fit()
     assert second.error is None and second.metrics["step"] == 6
     assert (debug / "rank0-starts").read_text().split() == ["0", "4"]
     assert (debug / "rank1-starts").read_text().split() == ["0"]  # the resume ran on one worker
+    restored = (debug / "rank0-restores").read_text().split()
+    assert restored[:2] == ["fsdp", "4"] and restored[2].endswith("fsdp/checkpoint_0000004")

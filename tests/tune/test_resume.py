@@ -22,6 +22,7 @@ import s3fs
 import yaml
 
 from imp_platform.tune.lineage import POINTER
+from ray_session import driver_pid, lines
 
 REPO = Path(__file__).resolve().parents[2]
 EVERY, REPORTS = 4, 4
@@ -48,22 +49,6 @@ def _statuses(bucket: s3fs.S3FileSystem, experiment: str) -> dict[str, str]:
         return {}
     trials = [json.loads(trial) for trial, _ in json.loads(bucket.cat(states[-1]))["trial_data"]]
     return {trial["trial_id"]: trial["status"] for trial in trials}
-
-
-def _driver_pid(sweep_file: Path) -> int:
-    """The job's driver: the python process running jobs/tune.py on our sweep file."""
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().decode().split("\0")
-        except (OSError, ValueError):
-            continue
-        if len(argv) > 2 and argv[1].endswith("jobs/tune.py") and str(sweep_file) in argv:
-            return int(proc.name)
-    raise AssertionError(f"no driver process for {sweep_file}")
-
-
-def _lines(path: Path) -> list[str]:
-    return path.read_text().split("\n")[:-1] if path.exists() else []
 
 
 @pytest.mark.slow
@@ -94,9 +79,9 @@ def test_submitted_s3_sweep_resumes_after_its_driver_is_killed(ray_head, s3_serv
             break
         assert time.monotonic() < deadline and len(done) < 2, f"no state to kill the driver in: {statuses}"
         time.sleep(0.5)
-    os.kill(_driver_pid(sweep_file), signal.SIGKILL)
+    os.kill(driver_pid("jobs/tune.py", str(sweep_file)), signal.SIGKILL)
     (finished,), (unfinished,) = done, running
-    before = _lines(debug / "rank0-starts")
+    before = lines(debug / "rank0-starts")
     assert before == ["0", "0"], before  # the two trials' Train runs, each from step 0
 
     resumed = _submit(ray_head, ["platform", "tune", "--space", str(sweep_file), "--resume"], wait=True,
@@ -104,8 +89,8 @@ def test_submitted_s3_sweep_resumes_after_its_driver_is_killed(ray_head, s3_serv
     log = (resumed.stdout + resumed.stderr)[-6000:]
     assert resumed.returncode == 0 and "succeeded" in resumed.stdout, log
     # Only the unfinished trial's Train run started again, from its own checkpoint (not step 0) ...
-    starts = _lines(debug / "rank0-starts")
-    restores = [line.split() for line in _lines(debug / "rank0-restores")]
+    starts = lines(debug / "rank0-starts")
+    restores = [line.split() for line in lines(debug / "rank0-restores")]
     assert len(starts) == 3 and 0 < int(starts[2]) < STEPS, (starts, log)
     assert [(run, int(step)) for run, step, *_ in restores] == [(f"trial-{unfinished}", int(starts[2]))], restores
     # ... and both trials are in the resumed sweep's table, each having run every step.

@@ -3,7 +3,7 @@
 (a) ceiling: the same decode functions (decord video, soundfile/torchaudio audio, tokenizers,
 PIL) called straight from tar files, one process per core, no framework; (b) what users pick
 instead: torch DataLoader + webdataset with the same decode step and the same number of
-workers; (c) our pipeline doing the same work: tar shard reader -> decode actors -> bucketed
+workers; (c) our pipeline doing the same work: tar shard reader -> decode (tasks or actors) -> bucketed
 rows consumed by the driver (as training streams from raw shards), and once more as a full
 preprocess that also writes parquet + manifest. Rates are reported in steady state (from the
 first output on: the targets) and end to end (start-up included). Also the padding waste of bucketed
@@ -25,7 +25,8 @@ from typing import Any
 from imp_platform.bench.common import Throughput, write_results
 from imp_platform.config.pipeline import PipelineConfig
 from imp_platform.data import buckets, decode
-from imp_platform.data.pipeline import decode_or_skip, decoded_dataset, load_preprocess_config, preprocess, resolve_tokenizer
+from imp_platform.data.pipeline import (decode_compute, decode_or_skip, decoded_dataset, load_preprocess_config, preprocess,
+                                        resolve_tokenizer)
 from imp_platform.data.tars import RawSample, read_samples
 from imp_platform.memory import PeakMemory
 
@@ -128,7 +129,7 @@ def _stream_counts(cfg: PipelineConfig) -> Iterator[int]:
 
 
 def ours_stream(cfg: PipelineConfig) -> Throughput:
-    """The pipeline doing what the baselines do: read -> decode actors -> bucketed rows, consumed here."""
+    """The pipeline doing what the baselines do: read -> decode (``decode.compute``) -> bucketed rows, consumed here."""
     return Throughput.measure(_stream_counts(cfg))
 
 
@@ -251,9 +252,10 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
     Speeds use the synth shards repeated (2x quick, 32x full: 4096 samples, about 40 s of
     decoding, the scale at which a real preprocess's start-up stops mattering). All three
     start warm as far as each allows: the baselines fork from this process after it imported
-    the decoders; Ray's decode actors are new processes that import ray.data, torch,
-    torchaudio and decord (~10 s on 2 cores with the CUDA torch wheels), which the
-    end-to-end figures include.
+    the decoders; Ray's decode tasks run on pooled workers that the memory runs before them
+    started, while decode actors (``decode.compute``: ``auto`` picks them for the full-size
+    input) are new processes importing ray.data, torch, torchaudio and decord: ~10 s on
+    2 cores, which the end-to-end figures include.
     """
     import ray
 
@@ -290,6 +292,7 @@ def run(quick: bool, out: Path) -> dict[str, Any]:
         result = {
             "quick": quick,
             "cores": workers,
+            "decode_compute": decode_compute(cfg.decode, sum(os.path.getsize(s) for s in speed)),
             "speed_samples": runs["c_ray_data_pipeline"].items,
             "samples_per_s": {name: round(timed.steady_rate, 3) for name, timed in runs.items()},
             "samples_per_s_end_to_end": {name: round(timed.rate, 3) for name, timed in runs.items()},

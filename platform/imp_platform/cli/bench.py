@@ -76,16 +76,25 @@ def caption(quick: QuickOpt = False, out: OutOpt = Path("runs/bench/caption.json
 
 
 @app.command("scale")
-def scale(quick: QuickOpt = False, out: OutOpt = Path("runs/bench/scale.json")) -> None:
-    """replicate vs FSDP at 1 and 2 CPU workers: tokens/s per worker, collective bytes per step, memory per worker."""
+def scale(
+    quick: QuickOpt = False,
+    out: OutOpt = Path("runs/bench/scale.json"),
+    preset: Annotated[str | None, typer.Option(
+        "--preset", help="Model whose memory per worker is measured (default: small; tiny with --quick).")] = None,
+) -> None:
+    """replicate vs FSDP vs FSDP+EP at 1, 2 and 4 CPU workers: tokens/s and collective bytes per step, memory per worker."""
     import json
     import logging
 
     from imp_platform.bench.scale import run
+    from imp_platform.cli.common import user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    result = run(quick, out)
+    with user_errors():
+        result = run(quick, out, preset)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+    if result["cores"]["cores_cap"]:
+        typer.echo(f"weak_scaling_efficiency {result['weak_scaling_efficiency']}: {result['cores']['cores_cap']}")
 
 
 @app.command("selftrain")

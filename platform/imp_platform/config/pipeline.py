@@ -238,11 +238,17 @@ class LimitsConfig(StrictModel):
 
 
 class DecodeConfig(StrictModel):
-    """Decode actor pool sizing (Ray Data ``map_batches``) and how much the pipeline may hold in flight."""
+    """Decode stage sizing (Ray Data ``map_batches``) and how much the pipeline may hold in flight."""
 
-    num_actors: int = Field(2, gt=0)
+    # tasks: plain Ray tasks on the pooled workers, which stay warm between runs (decoders imported
+    # once per worker); actors: a pool started per run, each new process importing torch and the
+    # decoders first (~10 s that only a large input wins back: the pool decodes faster in steady
+    # state). auto: actors from ``actors_from_mb`` MiB of raw shards on. See data/pipeline.map_decode.
+    compute: Literal["auto", "tasks", "actors"] = "auto"
+    actors_from_mb: float = Field(256.0, ge=0)
+    num_actors: int = Field(2, gt=0)  # decode concurrency: tasks at once, or actors in the pool
     batch_size: int = Field(16, gt=0)
-    num_threads: int = Field(1, ge=0)  # decoder threads per actor; 1 when actors are many
+    num_threads: int = Field(1, ge=0)  # decoder threads per decode task or actor; 1 when they are many
     # MiB of blocks the pipeline may keep in Ray's object store at once (raw shards read ahead,
     # decoded rows not yet written); Ray Data backpressures past it, so peak memory stays flat
     # however long the input. None: Ray Data's default share of the object store.

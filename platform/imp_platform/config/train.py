@@ -371,6 +371,16 @@ class ParallelConfig(StrictModel):
     expert: int = Field(1, ge=1)  # expert-parallel group size (experts sharded over that many workers)
     activation_checkpointing: Literal["none", "block", "moe_only"] = "none"  # recompute in backward
     compile: bool = False  # torch.compile each encoder block
+    # Write the DCP shards of a checkpoint in a background thread while training goes on; the
+    # checkpoint is reported to Ray Train once written (at the next checkpoint, or at the end).
+    async_checkpoint: bool = False
+
+    @model_validator(mode="after")
+    def _async_needs_shards(self) -> ParallelConfig:
+        if self.async_checkpoint and self.data != "fsdp" and self.expert == 1:
+            raise ValueError("async_checkpoint: only sharded checkpoints (data: fsdp or expert > 1) are written "
+                             "asynchronously; a replicated one is a single safetensors file")
+        return self
 
 
 class EvalConfig(StrictModel):

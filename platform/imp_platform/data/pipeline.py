@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from imp_platform.config import ConfigError
-from imp_platform.config.pipeline import PipelineConfig, load_pipeline
+from imp_platform.config.pipeline import DecodeConfig, PipelineConfig, load_pipeline
 from imp_platform.data import manifest as manifest_io
 from imp_platform.data import modalities, resume, tars
 from imp_platform.data.buckets import tokens_per_sample
@@ -377,11 +379,16 @@ def _decode_cpus(cfg: PipelineConfig) -> float:
     return min(1.0, max(0.1, (total - 2 * IO_TASK_CPUS) / cfg.decode.num_actors))
 
 
-def _limit_resources(ds: Any, cfg: PipelineConfig, decode_cpus: float) -> None:
-    """Cap what this dataset may use so it runs on 2 cores beside training (REFERENCE: Ray 2.60)."""
+def _limit_resources(ds: Any, cfg: PipelineConfig, decode_cpus: float, compute: str) -> None:
+    """Cap what this dataset may use so it runs on 2 cores beside training (REFERENCE: Ray 2.60).
+
+    Decode tasks are capped by their concurrency instead of a CPU budget: under a budget Ray Data's
+    reservation allocator runs one decode task at a time (measured: a 1024-sample preprocess used
+    one core of two). The object-store cap holds either way, so memory stays flat.
+    """
     from ray.data import ExecutionResources
 
-    cpus = cfg.decode.num_actors * decode_cpus + 2 * IO_TASK_CPUS
+    cpus = cfg.decode.num_actors * decode_cpus + 2 * IO_TASK_CPUS if compute == "actors" else None
     store = cfg.decode.object_store_mb
     ds.context.execution_options.resource_limits = ExecutionResources(
         cpu=cpus, object_store_memory=None if store is None else store * 2**20)
@@ -400,13 +407,22 @@ def decoded_dataset(cfg: PipelineConfig, keep_bucket: str | None = None) -> tupl
     if keep_bucket is not None and keep_bucket not in bucket_layouts(cfg):
         raise ConfigError(f"no bucket {keep_bucket!r} in pipeline {cfg.name}; it has {sorted(bucket_layouts(cfg))}")
     listing = list_shards(cfg.source.paths, cfg.source.storage_options)
-    return _decode_graph(cfg, listing.shards, resolve_tokenizer(cfg, listing.shards), keep_bucket), listing
+    graph = _decode_graph(cfg, listing.shards, resolve_tokenizer(cfg, listing.shards), listing.raw_bytes, keep_bucket)
+    return graph, listing
 
 
-def _decode_graph(cfg: PipelineConfig, shards: list[str], tokenizer_json: str | None, keep_bucket: str | None = None,
-                  claims: list[tuple[str, str]] | None = None, end_markers: bool = False) -> Any:
-    """Read -> decode over ``shards``. ``claims``: (key, shard) kept by shards a resumed preprocess does
-    not read again; ``end_markers``: an ``END_OF_SHARD`` row after each shard's samples."""
+def decode_compute(decode: DecodeConfig, raw_bytes: int) -> str:
+    """``tasks`` or ``actors``: ``decode.compute``, with ``auto`` picking by the raw input's size."""
+    if decode.compute != "auto":
+        return decode.compute
+    return "actors" if raw_bytes >= decode.actors_from_mb * 2**20 else "tasks"
+
+
+def _decode_graph(cfg: PipelineConfig, shards: list[str], tokenizer_json: str | None, raw_bytes: int,
+                  keep_bucket: str | None = None, claims: list[tuple[str, str]] | None = None,
+                  end_markers: bool = False) -> Any:
+    """Read -> decode over ``shards`` (``raw_bytes`` in all). ``claims``: (key, shard) kept by shards a
+    resumed preprocess does not read again; ``end_markers``: an ``END_OF_SHARD`` row after each shard's samples."""
     import ray
     import ray.data
 
@@ -419,30 +435,42 @@ def _decode_graph(cfg: PipelineConfig, shards: list[str], tokenizer_json: str | 
     if not ray.is_initialized():
         ray.init()
     decode_cpus = _decode_cpus(cfg)
-    _limit_resources(ds, cfg, decode_cpus)
+    compute = decode_compute(cfg.decode, raw_bytes)
+    _limit_resources(ds, cfg, decode_cpus, compute)
     # Cross-shard duplicate keys are judged in a one-pass preprocess only: a bucket stream is
     # re-executed every epoch and would find each key already kept.
     registry = ray.remote(num_cpus=0)(tars.KeyRegistry).remote() if keep_bucket is None else None
     if registry is not None and claims:
         ray.get(registry.claim.remote(claims))
     decoder = (cfg, tokenizer_json, keep_bucket, registry)
-    return map_decode(ds, decoder, cfg.decode.batch_size, cfg.decode.num_actors, decode_cpus)
+    return map_decode(ds, decoder, cfg.decode, decode_cpus, compute)
 
 
-def map_decode(ds: Any, decoder: tuple[Any, ...], batch_size: int, concurrency: int, cpus: float) -> Any:
-    """The decode stage as an actor pool of ``concurrency`` (``decode.num_actors``) decoders.
+def decode_batch(batch: dict[str, np.ndarray], decoder: tuple[Any, ...]) -> dict[str, np.ndarray]:
+    """The decode step as a plain task: ``DecodeBatches`` built per batch (the tokenizer and the
+    decoders' imports are cached per worker process, so this costs microseconds)."""
+    return DecodeBatches(*decoder)(batch)
 
-    Measured against plain Ray tasks on the quiet 2-core machine (``platform bench data``, 4096
-    samples, same session): steady 137.8 vs 74.8 samples/s, end to end 98.9 vs 68.0, a preprocess
-    with the write 99.9 vs 72.8. Under Ray Data's resource budget the task pool ran one decode
-    task at a time; the pool keeps both actors busy. (Under heavy load from other processes the
-    tasks had measured ahead on small inputs, where the actors' start-up dominates.)
+
+def map_decode(ds: Any, decoder: tuple[Any, ...], decode: DecodeConfig, cpus: float, compute: str) -> Any:
+    """The decode stage: ``decode.num_actors`` concurrent Ray tasks (``compute`` tasks) or actors.
+
+    Tasks run on Ray's pooled workers, which keep their imports from one run to the next; each
+    actor is a new process that imports torch, torchaudio and decord (~5-10 s on 2 busy cores)
+    before its first sample, but the pool then decodes faster. Measured paired on the loaded
+    2-core machine (README, "Ingest speed"): a 42-sample preprocess 7.5-9.9 s with tasks against
+    15.7-27.8 s with actors; 256 samples 3.6 s against 13.4 s; at 1024 samples the two were even;
+    at 4096 (``platform bench data``) tasks decoded 74 samples/s in steady state against the
+    pool's 138 (an earlier quiet run), hence ``auto``.
     """
+    if compute == "tasks":
+        return ds.map_batches(decode_batch, fn_args=(decoder,), batch_size=decode.batch_size,
+                              batch_format="numpy", concurrency=decode.num_actors, num_cpus=cpus)
     from ray.data import ActorPoolStrategy
 
     return ds.map_batches(DecodeBatches, fn_constructor_args=decoder,
-                          batch_size=batch_size, batch_format="numpy",
-                          compute=ActorPoolStrategy(size=concurrency), num_cpus=cpus)
+                          batch_size=decode.batch_size, batch_format="numpy",
+                          compute=ActorPoolStrategy(size=decode.num_actors), num_cpus=cpus)
 
 
 def _clear_output(root: str, storage_options: dict[str, Any], committed: dict[str, Any]) -> None:
@@ -467,6 +495,27 @@ def _clear_output(root: str, storage_options: dict[str, Any], committed: dict[st
                 fs.rm(stale)
         elif name == resume.RESUME_DIR:  # the killed runs' progress: the manifest holds what it said
             fs.rm(entry, recursive=True)
+
+
+@contextmanager
+def ray_for_preprocess() -> Iterator[None]:
+    """The running Ray (a job's, a test's, training's), else a local one for this run only.
+
+    The local one starts without the dashboard: a preprocess needs neither its UI nor the State
+    API (Ray Train's placement-group cleaner does, hence ``trainer.ensure_ray`` keeps it), and it
+    costs seconds of start-up. It stops afterwards, so a Ray Train run later in the same process
+    starts its own, with the dashboard.
+    """
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        yield
+        return
+    ray.init(include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def preprocess(cfg: PipelineConfig) -> dict[str, Any]:
@@ -495,10 +544,11 @@ def preprocess(cfg: PipelineConfig) -> dict[str, Any]:
     fresh, stats = manifest_io.TaskReport(), f"all {len(done)} shards resumed"
     if todo:
         claims = [(key, url) for url, shard in done.items() for key in shard.keys]
-        ds = _decode_graph(cfg, todo, tokenizer_json, claims=claims, end_markers=True)
-        sink = _make_sink(out, cfg.output.storage_options, "text" in cfg.modalities.enabled, progress_dir)
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
-        fresh, stats = sink.report, ds.stats()
+        with ray_for_preprocess():
+            ds = _decode_graph(cfg, todo, tokenizer_json, listing.raw_bytes, claims=claims, end_markers=True)
+            sink = _make_sink(out, cfg.output.storage_options, "text" in cfg.modalities.enabled, progress_dir)
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+            fresh, stats = sink.report, ds.stats()
     seconds = time.perf_counter() - start
     report = manifest_io.TaskReport()
     for part in [*(shard.report for shard in done.values()), fresh]:

@@ -8,7 +8,9 @@ three layouts of ``gpus`` workers:
   holds one block's unsharded parameters and gradients at a time (two parameter copies, for
   the prefetch of the next block);
 - ``fsdp+ep``: experts sharded over an expert-parallel group of ``expert`` workers, FSDP over
-  the rest, so a sparse block gathers only its ``E / expert`` local experts.
+  the rest, so a sparse block gathers only its ``E / expert`` local experts. As
+  ``train/parallel.py`` does, the expert shards stay outside FSDP: each worker holds
+  ``1 / expert`` of the experts' parameters, grads and AdamW state, not ``1 / gpus``.
 
 Bytes: parameters, gradients and the two AdamW moments are fp32 (4 + 4 + 8 bytes per held
 parameter); FSDP's gathered copies are in the compute dtype; activations are in the compute
@@ -147,8 +149,10 @@ def plan(
     elif gpus % expert or cfg.moe.num_experts % expert:
         raise ValueError(f"expert ({expert}) must divide both gpus ({gpus}) and moe.num_experts ({cfg.moe.num_experts})")
     total = count_params(cfg)["total"]
-    shards = 1 if strategy == "replicate" else gpus  # experts too: EP over `expert` ranks x FSDP over gpus / expert
+    shards = 1 if strategy == "replicate" else gpus
     held = total / shards
+    if strategy == "fsdp+ep":  # expert shards are replicated over the gpus / expert EP groups, not FSDP-sharded
+        held += expert_params(cfg) * (1 / expert - 1 / gpus)
     sparse = set(cfg.sparse_layers())
     gathered = 0 if shards == 1 else max(_block_params(cfg, i in sparse, expert) for i in range(cfg.depth))
     params = held * STATE_BYTES["params"] + 2 * gathered * act_bytes

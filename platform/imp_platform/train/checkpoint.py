@@ -12,7 +12,11 @@ checkpoint directory in ``storage_path``):
   and optimizer, ``.metadata`` from rank 0) and ``config.json`` in place of ``model.safetensors``
   and the optimizer in ``train_state.pt``. DCP reshards on load, so a run saved on N workers
   resumes on M; ``load_model`` consolidates the shards in one process for eval and export.
-  Each rank file records the sizes of that rank's shard files,
+  Each rank file records the sizes of that rank's shard files. Shards may be written in the
+  background (``start_checkpoint`` with an ``async_group``): the rank file and the marker follow
+  once they are,
+- either layout resumes in either (``load_training_state``): weights and AdamW state are matched
+  by parameter name and laid out as the resuming run's model is,
 - ``COMPLETE.json``: written last by rank 0: the size of each of its files and the names of every
   rank's file. A directory without it, or whose files disagree with it (an upload cut short), is
   refused: a half-written checkpoint is never loaded.
@@ -25,6 +29,8 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from concurrent import futures
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -78,18 +84,59 @@ def save_checkpoint(directory: str | Path, *, rank: int, world_size: int, rank_s
                     model: torch.nn.Module | None = None, model_cfg: Any = None, cfg: PretrainConfig | None = None,
                     train_state: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None,
                     optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Write this rank's share of a checkpoint into ``directory`` (rank 0 passes the model and state).
+    """Write this rank's share of a checkpoint into ``directory`` (``start_checkpoint``, waited for)."""
+    return start_checkpoint(directory, rank=rank, world_size=world_size, rank_state=rank_state, model=model,
+                            model_cfg=model_cfg, cfg=cfg, train_state=train_state, history=history,
+                            optimizer=optimizer).finish()
+
+
+class PendingCheckpoint:
+    """A checkpoint whose DCP shards may still be being written (``parallel.async_checkpoint``).
+
+    ``finish`` waits for them, then writes this rank's file (with the sizes of its shard files)
+    and, on rank 0, ``COMPLETE.json``: until then the directory is not a checkpoint.
+    """
+
+    def __init__(self, directory: Path, rank: int, world_size: int, rank_state: dict[str, Any], sharded: bool,
+                 writing: Future | None = None) -> None:
+        self.directory, self.rank, self.world_size = directory, rank, world_size
+        self._rank_state, self._sharded, self._writing = rank_state, sharded, writing
+
+    def wait(self) -> None:
+        """Block until the shard write is over, whether it succeeded or not."""
+        if self._writing is not None:
+            futures.wait([self._writing])
+
+    def finish(self) -> Path:
+        files = {}
+        if self._writing is not None:
+            self._writing.result()
+        if self._sharded:
+            path = self.directory / SHARDS
+            files = {f"{SHARDS}/{p.name}": p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+        (self.directory / rank_file(self.rank, self.world_size)).write_text(json.dumps({**self._rank_state,
+                                                                                       "files": files}))
+        if self.rank == 0:
+            _write_marker(self.directory, self.world_size)
+        return self.directory
+
+
+def start_checkpoint(directory: str | Path, *, rank: int, world_size: int, rank_state: dict[str, Any],
+                     model: torch.nn.Module | None = None, model_cfg: Any = None, cfg: PretrainConfig | None = None,
+                     train_state: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None,
+                     optimizer: torch.optim.Optimizer | None = None, async_group: Any = None) -> PendingCheckpoint:
+    """Start writing this rank's share of a checkpoint into ``directory`` (rank 0 passes the model and state).
 
     ``rank_state`` is JSON (stream cursors, RNG states); ``train_state`` holds tensors and numbers.
     ``optimizer`` given: a sharded run, where every rank passes its model and optimizer and writes
-    its shards (``save_sharded``, a collective).
+    its shards (``save_sharded``, a collective), in the background over ``async_group`` if given.
+    Everything is captured now; later training steps do not change what is written.
     """
     from imp_platform.model.io import CONFIG, save_pretrained
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    files = save_sharded(directory, model, optimizer) if optimizer is not None else {}
-    (directory / rank_file(rank, world_size)).write_text(json.dumps({**rank_state, "files": files}))
+    writing = save_sharded(directory, model, optimizer, async_group) if optimizer is not None else None
     if rank == 0:
         if optimizer is None:
             save_pretrained(model, model_cfg, directory)
@@ -98,8 +145,16 @@ def save_checkpoint(directory: str | Path, *, rank: int, world_size: int, rank_s
         torch.save(train_state, directory / TRAIN_STATE)
         dump_yaml(cfg, directory / RUN_CONFIG)
         (directory / HISTORY).write_text(json.dumps(history or []))
-        _write_marker(directory, world_size)
-    return directory
+    return PendingCheckpoint(directory, rank, world_size, rank_state, optimizer is not None, writing)
+
+
+def async_checkpoint_group() -> Any:
+    """The process group for background DCP writes (every rank calls it once, together): a gloo
+    group of its own, because the write's collectives run in another thread than training's, which
+    must not share a group with them; gloo because ``async_save`` needs a CPU backend."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
 
 
 def _write_marker(directory: Path, world_size: int) -> None:
@@ -213,26 +268,41 @@ def is_sharded(directory: str | Path) -> bool:
     return (Path(directory) / SHARDS).is_dir()
 
 
-def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 async_group: Any = None) -> Future | None:
     """This rank's DCP shards of the model and optimizer in ``directory/dcp`` (every rank calls it
-    together); the files it wrote with their sizes. Keys are the model's own parameter names, so
-    any world size (or one process) can read them back."""
+    together). Keys are the model's own parameter names, so any world size (or one process) can
+    read them back. With ``async_group``: the state is copied now and written in a background
+    thread whose collectives use that group; the write's future."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    path = directory / SHARDS
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
-    return {f"{SHARDS}/{p.name}": p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+    state, path = {"model": model_state, "optimizer": optim_state}, directory / SHARDS
+    if async_group is None:
+        dcp.save(state, checkpoint_id=path)
+        return None
+    return dcp.async_save(state, checkpoint_id=path, process_group=async_group)
+
+
+def load_training_state(directory: str | Path, train_state: Mapping[str, Any], model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> None:
+    """The model weights and optimizer state of a checkpoint of either layout into ``model`` and
+    ``optimizer`` laid out in either (replicated, FSDP, expert-parallel; every rank calls it
+    together): a run may resume with other ``parallel:`` settings than it was saved with."""
+    if is_sharded(directory):
+        load_sharded(directory, model, optimizer)
+    else:
+        load_replicated(directory, train_state["optimizer"], model, optimizer)
 
 
 def load_sharded(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load DCP shards saved by any world size into this rank's shards of ``model`` and ``optimizer``.
+    """Load DCP shards saved by any world size into ``model`` and ``optimizer``: this rank's shards
+    of a sharded model, the whole state of a replicated one.
 
     Every model weight must be there. Optimizer state may lack parameters: AdamW creates a
     parameter's state at its first gradient, and AGD steps had not reached every task's layers
-    when the checkpoint was taken; those keep the fresh state (step 0, zero moments), which is
-    exactly what AdamW would create.
+    when the checkpoint was taken; those get no state, as in the run that saved it.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -244,6 +314,53 @@ def load_sharded(directory: str | Path, model: torch.nn.Module, optimizer: torch
     optim = {"optimizer": optim_state}
     dcp.load(optim, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim["optimizer"])
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    _forget_unsaved(model, optimizer, {name for name, _ in model.named_parameters()
+                                       if f"optimizer.state.{name}.step" in saved})
+
+
+def load_replicated(directory: str | Path, optim_state: Mapping[str, Any], model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> None:
+    """``model.safetensors`` and the optimizer state of a replicated checkpoint into ``model`` and
+    ``optimizer`` of any layout: both turned into full, name-keyed state that ``set_state_dict``
+    shards the way ``model`` is laid out (FSDP, expert shards) or copies whole (replicated)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from imp_platform.model.io import WEIGHTS
+
+    by_name = _optimizer_state_by_name(optim_state, model, optimizer, Path(directory) / TRAIN_STATE)
+    weights = load_file(str(Path(directory) / WEIGHTS))
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    # not strict: parameters without state (see ``load_sharded``) are allowed
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True, strict=False))
+    _forget_unsaved(model, optimizer, set(by_name["state"]))
+
+
+def _optimizer_state_by_name(optim_state: Mapping[str, Any], model: torch.nn.Module,
+                             optimizer: torch.optim.Optimizer, source: Path) -> dict[str, Any]:
+    """``torch.optim`` state (keyed by position in the param groups) keyed by parameter name instead:
+    positions follow ``build_optimizer``'s groups, the same in every layout."""
+    saved_groups, own_groups = optim_state["param_groups"], optimizer.param_groups
+    saved_sizes, own_sizes = [len(g["params"]) for g in saved_groups], [len(g["params"]) for g in own_groups]
+    if saved_sizes != own_sizes:
+        raise CheckpointError(f"{source}: optimizer param groups of sizes {saved_sizes}, this model has {own_sizes}: "
+                              "not a checkpoint of this model")
+    names = {id(p): n for n, p in model.named_parameters()}
+    name_of = {i: names[id(p)] for saved, own in zip(saved_groups, own_groups)
+               for i, p in zip(saved["params"], own["params"])}
+    return {"state": {name_of[i]: state for i, state in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in saved_groups]}
+
+
+def _forget_unsaved(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: set[str]) -> None:
+    """Drop the optimizer state of parameters the checkpoint had none for. ``set_state_dict`` first
+    gives every parameter a state (a zero-gradient step: step 1, zero moments); kept, a parameter's
+    first real update would use step 2's bias correction instead of a fresh state's step 1."""
+    for name, param in model.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(param, None)
 
 
 def _consolidate(directory: Path) -> tuple[torch.nn.Module, Any]:

@@ -13,7 +13,9 @@ checkpoint (metrics without one are not kept, ray #56718).
 Checkpoints are taken every ``run.checkpoint_every`` (steps, or wall-clock time such as "10m"),
 at every eval, at the end and at the step after a SIGTERM (train/preemption.py), with each
 rank's RNG states and stream cursors, so a resumed run computes what an uninterrupted one would
-have. A step whose loss (on any rank) or averaged gradient is not finite is skipped
+have. With ``parallel.async_checkpoint`` a checkpoint's shards are written while the next steps
+run; Ray Train gets it once written (at the next checkpoint, at the end, at once on SIGTERM).
+A step whose loss (on any rank) or averaged gradient is not finite is skipped
 on every rank: no optimizer update (the lr schedule still advances: it is a function of the
 step, and the skipped batch is lost data, not a pause); ``run.max_nonfinite_skips`` in a row
 stop the run with an error naming the tasks and buckets.
@@ -25,11 +27,12 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 
 from imp_platform.config.train import PretrainConfig, TaskConfig
-from imp_platform.memory import reuse_large_allocations
+from imp_platform.memory import release_free_heap, reuse_large_allocations
 from imp_platform.train import checkpoint as ckpt
 from imp_platform.train import preemption
 from imp_platform.train.agd import AGDSampler, Choice
@@ -293,7 +296,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     guard = NonFiniteGuard(cfg.run.max_nonfinite_skips)
     history: list[dict[str, Any]] = []
     state = _TrainState(model, model_cfg, optimizer, scheduler, sampler, streams, guard, history, cfg, rank, world,
-                        sharded)
+                        sharded, ckpt.async_checkpoint_group() if sharded and cfg.parallel.async_checkpoint else None)
     start = state.restore(resume_from)
     _debug(rank, "starts", str(start))
 
@@ -347,6 +350,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     extra.update(_evaluate(evaluator, model, sharded))
                 if is_report:
                     extra.update(sampler.mix.metrics())  # steps_frac_<task>, samples_<task> since step 0
+                release_free_heap()  # so the row's PSS is the memory held, not the heap's free space
                 row = _row(window, done, scheduler.get_last_lr()[0], guard, extra)
                 if rank == 0:
                     history.append(row)
@@ -354,14 +358,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     if tb:
                         tb.log(row)
             if is_report:
-                state.report(row, done)
+                state.report(row, done, wait=stop)  # a preempted worker leaves only once it is written
                 window.restart_clock()
                 clock.restart()
             if stop and done < cfg.run.steps:
                 _debug(rank, "preempted", str(done))
                 preemption.leave(done)
+        state.finish_pending()
     finally:
         preemption.disarm()
+        state.discard_pending()
         streams.close()
         if tb:
             tb.close()
@@ -487,6 +493,8 @@ class _TrainState:
     rank: int
     world: int
     sharded: bool  # FSDP or expert-parallel: model and optimizer state go through DCP, every rank its shards
+    async_group: Any = None  # parallel.async_checkpoint: the process group of the background shard writes
+    _pending: tuple[ckpt.PendingCheckpoint, dict[str, Any], int] | None = field(default=None, init=False)
 
     def restore(self, resume_from: str | None = None) -> int:
         """Resume from Ray Train's latest checkpoint (failure restart or a rerun of the same name); the step.
@@ -505,17 +513,7 @@ class _TrainState:
         own_hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         with checkpoint.as_directory() as directory:
             state, ranks = ckpt.open_for_resume(directory)
-            if ckpt.is_sharded(directory) != self.sharded:
-                layouts = {True: "sharded (parallel.data=fsdp or parallel.expert>1)", False: "replicated"}
-                raise ckpt.CheckpointError(
-                    f"{directory}: saved {layouts[ckpt.is_sharded(directory)]}, resumed {layouts[self.sharded]}: "
-                    "resume with the parallel layout it was saved with")
-            if self.sharded:
-                ckpt.load_sharded(directory, self.model, self.optimizer)
-            else:
-                loaded, _ = ckpt.load_model(directory)
-                self.model.load_state_dict(loaded.state_dict())
-                self.optimizer.load_state_dict(state["optimizer"])
+            ckpt.load_training_state(directory, state, self.model, self.optimizer)  # saved in any layout
             self.scheduler.load_state_dict(state["scheduler"])
             if adopted:
                 self._use_hyperparameters(own_hyperparameters)
@@ -549,23 +547,50 @@ class _TrainState:
         for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
             group["lr"] = base * factor(self.scheduler.last_epoch)
 
-    def report(self, row: dict[str, Any], step: int) -> None:
-        """Every rank writes its share of the checkpoint and calls report once (same count on all ranks)."""
+    def report(self, row: dict[str, Any], step: int, wait: bool = False) -> None:
+        """Every rank writes its share of the checkpoint and calls report once (same count on all ranks).
+
+        With ``async_group`` the shards are written while training goes on, and the checkpoint is
+        reported (with ``row``) by ``finish_pending``: at the next checkpoint, at the end, or now if
+        ``wait``. Ray Train only ever sees complete checkpoints.
+        """
+        self.finish_pending()
+        tmp = tempfile.mkdtemp(prefix="imp-ckpt-")
+        train_state = {"step": step, "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                       "nonfinite": self.guard.state_dict()}
+        if not self.sharded:
+            train_state["optimizer"] = self.optimizer.state_dict()
+        rank_state = {"rank": self.rank, "world_size": self.world, "step": step,
+                      "cursors": self.streams.state_dict(), "rng": ckpt.rng_state()}
+        self._pending = (ckpt.start_checkpoint(
+            tmp, rank=self.rank, world_size=self.world, rank_state=rank_state, model=self.model,
+            model_cfg=self.model_cfg, cfg=self.cfg, train_state=train_state, history=self.history,
+            optimizer=self.optimizer if self.sharded else None, async_group=self.async_group), row, step)
+        if wait or self.async_group is None:
+            self.finish_pending()
+
+    def finish_pending(self) -> None:
+        """Wait for the checkpoint being written, if any, and report it to Ray Train."""
         import ray.train
         from ray.train import Checkpoint
 
-        with tempfile.TemporaryDirectory(prefix="imp-ckpt-") as tmp:
-            train_state = {"step": step, "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                           "nonfinite": self.guard.state_dict()}
-            if not self.sharded:
-                train_state["optimizer"] = self.optimizer.state_dict()
-            rank_state = {"rank": self.rank, "world_size": self.world, "step": step,
-                          "cursors": self.streams.state_dict(), "rng": ckpt.rng_state()}
-            ckpt.save_checkpoint(tmp, rank=self.rank, world_size=self.world, rank_state=rank_state, model=self.model,
-                                 model_cfg=self.model_cfg, cfg=self.cfg, train_state=train_state, history=self.history,
-                                 optimizer=self.optimizer if self.sharded else None)
-            ray.train.report(scalar_metrics(row), checkpoint=Checkpoint.from_directory(tmp),
+        if self._pending is None:
+            return
+        pending, row, step = self._pending
+        try:
+            ray.train.report(scalar_metrics(row), checkpoint=Checkpoint.from_directory(pending.finish()),
                              checkpoint_dir_name=f"checkpoint_{step:07d}")
+        finally:
+            self.discard_pending()
+
+    def discard_pending(self) -> None:
+        """Drop the checkpoint being written, if any (reported, or the run failed): its write is waited for,
+        then the local directory deleted."""
+        if self._pending is not None:
+            pending, _, _ = self._pending
+            self._pending = None
+            pending.wait()
+            shutil.rmtree(pending.directory, ignore_errors=True)
 
 
 class _Evaluator:
