@@ -17,7 +17,8 @@ import psutil
 def ray_tmpdir() -> Iterator[Path]:
     """A short temporary RAY_TMPDIR (Ray's socket paths must fit 107 bytes); on exit every process
     that inherited it is SIGKILLed and the folder removed."""
-    with tempfile.TemporaryDirectory(prefix="rt-") as root:
+    # A process that outlives the kill by a moment may still write its session logs: no error then.
+    with tempfile.TemporaryDirectory(prefix="rt-", ignore_cleanup_errors=True) as root:
         try:
             yield Path(root)
         finally:
@@ -26,12 +27,15 @@ def ray_tmpdir() -> Iterator[Path]:
 
 def kill_session(ray_tmp: Path) -> None:
     """SIGKILL the processes whose environment has ``RAY_TMPDIR=ray_tmp`` (all a session started)."""
+    killed = []
     for proc in psutil.process_iter():
         try:
             if proc.environ().get("RAY_TMPDIR") == str(ray_tmp):
                 proc.kill()
+                killed.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+    psutil.wait_procs(killed, timeout=10)
 
 
 def driver_pid(script: str, marker: str) -> int:
