@@ -511,7 +511,7 @@ def ray_for_preprocess() -> Iterator[None]:
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         yield
         return
-    ray.init(include_dashboard=False)
+    ray.init(address="local", include_dashboard=False)  # never another process's Ray (as ensure_ray)
     try:
         yield
     finally:
