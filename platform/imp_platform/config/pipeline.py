@@ -244,8 +244,8 @@ class DecodeConfig(StrictModel):
     # once per worker); actors: a pool started per run, each new process importing torch and the
     # decoders first (~10 s that only a large input wins back: the pool decodes faster in steady
     # state). auto: actors from ``actors_from_mb`` MiB of raw shards on. See data/pipeline.map_decode.
-    # The default stays ``actors`` until ``auto`` has a record: in its first full suite the own-corpus
-    # run (40 steps) ended at chance once in four runs, cause not found (pipelines/ opt in).
+    # The default stays ``actors`` (the long-tested path) until ``auto`` has a record of its own;
+    # the shipped pipelines/ opt in to ``auto``.
     compute: Literal["auto", "tasks", "actors"] = "actors"
     actors_from_mb: float = Field(256.0, ge=0)
     num_actors: int = Field(2, gt=0)  # decode concurrency: tasks at once, or actors in the pool
